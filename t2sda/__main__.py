@@ -1,0 +1,117 @@
+"""Command line: ``python -m t2sda train --preset digits [--set key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from t2sda.checkpoint import CheckpointError, latest
+from t2sda.config import Config, ConfigError
+from t2sda.presets import PRESETS, get_preset
+
+log = logging.getLogger("t2sda")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m t2sda", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run one T2S-DA training (no search)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="digits", help=f"one of: {', '.join(PRESETS)}")
+    source.add_argument("--config", help="a config.json (e.g. a run's, or tune's best_config.json)")
+    train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. --set method.pull_weight=0 seed=1")
+    train.add_argument("--run-dir", help="where config, metrics, TensorBoard events and "
+                       "checkpoints go (default: runs/<preset>-<time>)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                       help="continue from CHECKPOINT, or from the run dir's latest without one")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
+                       "available, else cpu)")
+    return parser
+
+
+def _resolve_run(args, cfg_name: str) -> tuple[Path, Path | None]:
+    run_dir = Path(args.run_dir or f"runs/{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    existing = latest(run_dir / "checkpoints")
+    if args.resume == "latest":
+        if existing is None:
+            raise UsageError(f"--resume: run dir {run_dir} has no checkpoint to resume from")
+        resume = existing
+    elif args.resume is not None:
+        resume = Path(args.resume)
+    else:
+        resume = None
+        if existing is not None or (run_dir / "metrics.jsonl").exists():
+            raise UsageError(f"run dir {run_dir} already holds a run; pass --resume to continue "
+                             "it or choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"run dir {run_dir}: not writable ({err.strerror})") from None
+    return run_dir, resume
+
+
+def _train(args) -> int:
+    import torch
+
+    from t2sda.step import NonFiniteLossError
+    from t2sda.train import train
+
+    cfg = Config.load(args.config) if args.config else get_preset(args.preset)
+    cfg = cfg.with_overrides(args.set)
+    name = Path(args.config).stem if args.config else args.preset
+    run_dir, resume = _resolve_run(args, name)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:0 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
+    try:
+        metrics = train(cfg, device=device, run_dir=run_dir, resume=resume, report=_print_report)
+    except NonFiniteLossError as err:
+        print(f"t2sda: error: {err}", file=sys.stderr)
+        return 1
+    log.info("done: val/mIoU %.2f (teacher %.2f) at step %d; %s", metrics["val/mIoU"],
+             metrics["val/mIoU_teacher"], metrics["step"], run_dir)
+    return 0
+
+
+def _print_report(metrics: dict, checkpoint_dir: str | None) -> None:
+    if metrics:
+        log.info("step %6d  val/mIoU %6.2f  teacher %6.2f%s", metrics["step"], metrics["val/mIoU"],
+                 metrics["val/mIoU_teacher"], f"  checkpoint {checkpoint_dir}" if checkpoint_dir
+                 else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("T2SDA_LOG", "INFO"), format="%(message)s",
+                        stream=sys.stdout)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+    except (ConfigError, CheckpointError, UsageError) as err:
+        print(f"t2sda: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("t2sda: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

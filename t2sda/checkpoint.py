@@ -1,0 +1,75 @@
+"""Checkpoints: one directory per saved step, written atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the run; one line, with the path."""
+
+
+def save(directory: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to ``directory/state.pt`` so that a crash never leaves a torn file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / STATE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return directory / STATE_FILE
+
+
+def load(path: str | Path) -> dict:
+    """Read a checkpoint file, or the ``state.pt`` inside a checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or "state" not in payload or "step" not in payload:
+        raise CheckpointError(f"checkpoint {path}: not a t2sda checkpoint")
+    return payload
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest(root: str | Path) -> Path | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def prune(root: str | Path, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoint directories."""
+    for _, path in step_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)

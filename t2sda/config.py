@@ -1,0 +1,301 @@
+"""Run configuration: nested keyword-only dataclasses, validated on construction.
+
+Every reconstructed choice of the method (see METHOD.md) is a field here, so the search
+spaces can explore it. Overrides use dotted keys: ``method.pull_temperature=0.1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line naming the key, value and what is allowed."""
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _choice(key: str, value, options: tuple[str, ...]) -> None:
+    _check(value in options, key, value, "allowed: " + ", ".join(options))
+
+
+def _unit(key: str, value, *, open_high: bool = False) -> None:
+    ok = 0.0 <= value < 1.0 if open_high else 0.0 <= value <= 1.0
+    _check(ok, key, value, "must be in [0, 1)" if open_high else "must be in [0, 1]")
+
+
+def _positive(key: str, value) -> None:
+    _check(value > 0, key, value, "must be > 0")
+
+
+def _non_negative(key: str, value) -> None:
+    _check(value >= 0, key, value, "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "digits"  # digits (embedded); real datasets come with their own loaders
+    strength: float = 0.5  # digits: blend of target ("real") rendering over the source one
+    image_size: int = 64
+    train_scenes: int = 4000  # scenes per domain in the cached training pool
+    val_scenes: int = 500  # held-out target scenes used for evaluation
+    batch_size: int = 32  # per process (per worker under DDP)
+    num_workers: int = 0
+    oracle: bool = False  # train on *labelled target* images: the upper bound
+
+    def __post_init__(self):
+        _choice("data.name", self.name, ("digits",))
+        _unit("data.strength", self.strength)
+        _check(self.image_size >= 16, "data.image_size", self.image_size, "must be >= 16")
+        for key in ("train_scenes", "val_scenes", "batch_size"):
+            _positive(f"data.{key}", getattr(self, key))
+        _non_negative("data.num_workers", self.num_workers)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    pretrained: str = ""  # "" random init, "timm" hub weights, or a local checkpoint path
+    proj_dim: int = 128  # output dim of the training-only projection head
+
+    def __post_init__(self):
+        from t2sda.models import MODELS  # models do not import config: no cycle
+
+        _choice("model.name", self.name, tuple(MODELS))
+        _positive("model.proj_dim", self.proj_dim)
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    # Self-training (DAFormer-style mean teacher).
+    self_training: bool = True  # false = source-only
+    self_training_start: int = 0  # steps of source-only warm-up before adaptation starts
+    ema_momentum: float = 0.999
+    pseudo_threshold: float = 0.968
+    pseudo_weight: str = "fraction"  # fraction (DAFormer q) | pixel (per-pixel mask)
+    pseudo_ignore_top: int = 0  # pixels at the top/bottom of target crops ignored (margins)
+    pseudo_ignore_bottom: int = 0
+    mix: str = "classmix"  # classmix | none (plain pseudo-label CE on the target image)
+    strong_aug: bool = True  # colour jitter + Gaussian blur on mixed images
+    # 1. Target-like source.
+    translate: str = "fda"  # fda | color | none
+    fda_beta: float = 0.01  # half-side of the swapped low-frequency square, fraction of side
+    color_space: str = "lab"  # lab | rgb, for translate=color
+    src_ce_on_translated: bool = True
+    # 2. Pull loss.
+    pull_weight: float = 0.1  # lambda; 0 switches the pull term off
+    pull_warmup: int = 0  # steps over which lambda ramps in (after self_training_start)
+    pull_temperature: float = 0.2
+    pull_target_pixels: bool = True  # also pull confident target pixels (teacher labels)
+    pull_keys: str = "bank"  # bank (EMA prototypes of past batches) | batch
+    proto_momentum: float = 0.99
+    negatives: str = "pixels"  # pixels | prototypes
+    negative_sampling: str = "balanced"  # balanced (evenly per class) | uniform
+    num_queries: int = 256  # per class
+    num_negatives: int = 256  # per query
+    query_aug: bool = True  # queries from strongly augmented translated images
+    # 3. Dynamic class re-weighting.
+    weight_mode: str = "iou"  # iou | confidence | uniform
+    weight_momentum: float = 0.9
+    weight_gamma: float = 1.0
+    weight_schedule: str = "linear"  # constant | linear | cosine | step
+    weight_warmup: int = 0  # steps over which uniform weights blend into dynamic ones
+
+    def __post_init__(self):
+        _non_negative("method.self_training_start", self.self_training_start)
+        _unit("method.ema_momentum", self.ema_momentum, open_high=True)
+        _unit("method.pseudo_threshold", self.pseudo_threshold)
+        _choice("method.pseudo_weight", self.pseudo_weight, ("fraction", "pixel"))
+        _non_negative("method.pseudo_ignore_top", self.pseudo_ignore_top)
+        _non_negative("method.pseudo_ignore_bottom", self.pseudo_ignore_bottom)
+        _choice("method.mix", self.mix, ("classmix", "none"))
+        _choice("method.translate", self.translate, ("fda", "color", "none"))
+        _check(0 < self.fda_beta <= 0.5, "method.fda_beta", self.fda_beta, "must be in (0, 0.5]")
+        _choice("method.color_space", self.color_space, ("lab", "rgb"))
+        _non_negative("method.pull_weight", self.pull_weight)
+        _non_negative("method.pull_warmup", self.pull_warmup)
+        _positive("method.pull_temperature", self.pull_temperature)
+        _choice("method.pull_keys", self.pull_keys, ("bank", "batch"))
+        _unit("method.proto_momentum", self.proto_momentum, open_high=True)
+        _choice("method.negatives", self.negatives, ("pixels", "prototypes"))
+        _choice("method.negative_sampling", self.negative_sampling, ("balanced", "uniform"))
+        _positive("method.num_queries", self.num_queries)
+        _positive("method.num_negatives", self.num_negatives)
+        _choice("method.weight_mode", self.weight_mode, ("iou", "confidence", "uniform"))
+        _unit("method.weight_momentum", self.weight_momentum, open_high=True)
+        _non_negative("method.weight_gamma", self.weight_gamma)
+        _choice(
+            "method.weight_schedule", self.weight_schedule, ("constant", "linear", "cosine", "step")
+        )
+        _non_negative("method.weight_warmup", self.weight_warmup)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 1.0
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.head_lr_mult", self.head_lr_mult)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.warmup_iters", self.warmup_iters)
+        _non_negative("optim.poly_power", self.poly_power)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    iters: int = 40000
+    eval_every: int = 4000
+    checkpoint_every: int = 4000
+    log_every: int = 50
+    keep_checkpoints: int = 2  # newest checkpoint directories kept in the run dir
+    images_every: int = 0  # 0 = log images at each evaluation
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
+
+    def __post_init__(self):
+        _non_negative("train.iters", self.iters)
+        for key in ("eval_every", "checkpoint_every", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _non_negative("train.images_every", self.images_every)
+        _choice("train.amp", self.amp, ("auto", "bf16", "none"))
+        _non_negative("train.threads", self.threads)
+
+
+@dataclass(kw_only=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _non_negative("seed", self.seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Config:
+        return _build(cls, raw, prefix="")
+
+    def with_overrides(self, overrides: list[str] | dict) -> Config:
+        """Return a new validated Config with ``key=value`` strings (or a dict) applied."""
+        raw = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else map(_split, overrides)
+        for key, value in items:
+            _set_dotted(raw, key, value)
+        return Config.from_dict(raw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"config file {path}: not valid JSON ({err})") from None
+        # best_config.json files written by tune.py wrap the config under "config".
+        return cls.from_dict(raw.get("config", raw) if isinstance(raw, dict) else raw)
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. method.pull_weight=0.1")
+    return key.strip(), value.strip()
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    node, parts = raw, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:depth]) or "top level"
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
+            raise ConfigError(f"unknown config key {key!r} (keys at {where}: {known})")
+        if depth == len(parts) - 1:
+            if isinstance(node[part], dict):
+                raise ConfigError(f"config key {key!r} is a section; set one of its fields")
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _coerce(key: str, value, kind):
+    """Turn a value (often a CLI string) into ``kind``, or raise a one-line ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+    if kind is float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return number
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    raise TypeError(f"unsupported field type {kind} for {key}")
+
+
+def _build(cls, raw, *, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kind, key = hints[name], prefix + name
+        if isinstance(kind, types.UnionType):
+            raise TypeError(f"union field {key} is not supported")
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, prefix=key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, kind)
+    return cls(**kwargs)

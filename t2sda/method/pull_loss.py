@@ -1,0 +1,142 @@
+"""The pulling loss: target(-like) features are pulled toward source class prototypes.
+
+Source is the anchor: keys (teacher features of source pixels) carry no gradient; queries
+(student features of target-like and confident target pixels) move.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from t2sda import dist
+
+
+def _sample(index: torch.Tensor, count: int | None) -> torch.Tensor:
+    if count is None or len(index) <= count:
+        return index
+    return index[torch.randperm(len(index), device=index.device)[:count]]
+
+
+def pull_loss(
+    query: torch.Tensor,
+    query_label: torch.Tensor,
+    key: torch.Tensor,
+    key_label: torch.Tensor,
+    *,
+    temperature: float,
+    class_weight: torch.Tensor | None = None,
+    prototypes: torch.Tensor | None = None,
+    num_queries: int | None = None,
+    num_negatives: int | None = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """InfoNCE of each query against its class prototype, with other-class keys as negatives.
+
+    query (N, D) with grad, query_label (N,); key (M, D) (detached here), key_label (M,);
+    prototypes (C, D) optional: the positive of class c is ``prototypes[c]`` when given (rows
+    that are all zero or not finite count as missing), else the normalised mean of the keys of
+    class c. Queries and keys are L2-normalised here.
+
+    Per query: -log(e^{q.p/t} / (e^{q.p/t} + sum_neg e^{q.k/t})); class loss = mean over its
+    queries (``num_queries`` sampled when given); result = sum_c w_c L_c / sum_c w_c over the
+    classes that have queries and a positive (w = 1 without ``class_weight`` (C,)). With
+    ``num_negatives`` the negatives are sampled from the other classes' keys, once per class
+    and shared by its queries, so memory is O(C * num_negatives * D + N * num_negatives), never
+    O(N * M). Returns a zero that keeps the graph when no class qualifies.
+    """
+    query = F.normalize(query, dim=1)
+    key = F.normalize(key.detach().to(query.dtype), dim=1)
+    valid_key = key_label != ignore_index
+    if prototypes is not None:
+        prototypes = prototypes.detach().to(query.dtype)
+        has_proto = torch.isfinite(prototypes).all(dim=1) & (prototypes.abs().sum(dim=1) > 0)
+    total = query.new_zeros(())
+    weight_sum = query.new_zeros(())
+    counted = 0
+    classes = query_label.unique()
+    for c in classes[classes != ignore_index].tolist():
+        if prototypes is not None and c < len(prototypes) and has_proto[c]:
+            positive = F.normalize(prototypes[c], dim=0)
+        else:
+            own = valid_key & (key_label == c)
+            if not own.any():
+                continue
+            positive = F.normalize(key[own].mean(dim=0), dim=0)
+        q = query[_sample(torch.nonzero(query_label == c).squeeze(1), num_queries)]  # (n, D)
+        negatives = key[_sample(torch.nonzero(valid_key & (key_label != c)).squeeze(1),
+                                num_negatives)]  # (K, D)
+        logits = torch.cat([(q @ positive)[:, None], q @ negatives.T], dim=1) / temperature
+        loss_c = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        w = class_weight[c].to(query.dtype) if class_weight is not None else query.new_ones(())
+        total = total + w * loss_c
+        weight_sum = weight_sum + w
+        counted += 1
+    if counted == 0:
+        return query.sum() * 0.0
+    return total / weight_sum
+
+
+def sample_pixels(
+    feature: torch.Tensor, label: torch.Tensor, *, per_class: int | None, balanced: bool = True,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick labelled pixels from a dense map: feature (B, D, h, w), label (B, h, w).
+
+    ``balanced``: up to ``per_class`` pixels of every class present (so frequent classes such
+    as background cannot crowd out the rest); otherwise ``per_class * classes present`` pixels
+    drawn uniformly. Returns (n, D) features and (n,) labels.
+    """
+    flat_feature = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+    flat_label = label.reshape(-1)
+    valid = torch.nonzero(flat_label != ignore_index).squeeze(1)
+    if balanced:
+        classes = flat_label[valid].unique()
+        picks = [_sample(valid[flat_label[valid] == c], per_class) for c in classes.tolist()]
+        index = torch.cat(picks) if picks else valid
+    else:
+        count = None if per_class is None else per_class * len(flat_label[valid].unique())
+        index = _sample(valid, count)
+    return flat_feature[index], flat_label[index]
+
+
+class PrototypeBank:
+    """Per-class EMA of normalised mean source keys, identical on every DDP rank.
+
+    Keeps a positive for classes missing from the current batch and makes the anchor a
+    summary of many source images instead of the image the query came from.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, momentum: float, device=None):
+        self.momentum = momentum
+        self.prototypes = torch.zeros(num_classes, dim, device=device)  # (C, D), zero = unseen
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def update(self, key: torch.Tensor, key_label: torch.Tensor, *, ignore_index: int = 255):
+        """Fold in the batch's class means: key (M, D), key_label (M,). All-reduced."""
+        num_classes = len(self.prototypes)
+        valid = key_label != ignore_index
+        key = F.normalize(key.detach().float(), dim=1)[valid]
+        label = key_label[valid]
+        sums = torch.zeros_like(self.prototypes).index_add_(0, label, key)
+        counts = torch.bincount(label, minlength=num_classes).to(sums)
+        packed = dist.all_reduce_sum(torch.cat([sums, counts[:, None]], dim=1))
+        sums, counts = packed[:, :-1], packed[:, -1]
+        present = counts > 0
+        mean = F.normalize(sums[present], dim=1)
+        old = self.prototypes[present]
+        keep = self.seen[present][:, None]
+        new = torch.where(keep, self.momentum * old + (1 - self.momentum) * mean, mean)
+        self.prototypes[present] = F.normalize(new, dim=1)
+        self.seen |= present
+
+    def get(self) -> torch.Tensor:
+        return self.prototypes
+
+    def state_dict(self) -> dict:
+        return {"prototypes": self.prototypes.cpu(), "seen": self.seen.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prototypes.copy_(state["prototypes"])
+        self.seen.copy_(state["seen"])

@@ -1,0 +1,79 @@
+"""Target-like source images x~_s = T(x_s, x_ref): no learned parameters, runs on any device.
+
+All images are (B, 3, H, W) floats in [0, 1]; the output keeps the source's content (and so
+its label map) and takes the reference's low-level appearance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fda(src: torch.Tensor, ref: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """Fourier domain adaptation: swap the low-frequency amplitude of ``src`` for ``ref``'s.
+
+    The swapped region is a square of half-side ``b = floor(beta * min(H, W))`` centred on the
+    zero frequency: frequencies -b..b on each axis. That set is closed under negation, so the
+    spectrum stays Hermitian and the inverse is real up to rounding (even sizes included).
+    The phase of ``src`` (where its edges are) is kept.
+    """
+    h, w = src.shape[-2:]
+    b = int(beta * min(h, w))
+    spec_src = torch.fft.fftshift(torch.fft.fft2(src.float()), dim=(-2, -1))
+    spec_ref = torch.fft.fftshift(torch.fft.fft2(ref.float()), dim=(-2, -1))
+    amp, phase = spec_src.abs(), spec_src.angle()
+    cy, cx = h // 2, w // 2  # the zero frequency after fftshift, for odd and even sizes
+    rows, cols = slice(cy - b, cy + b + 1), slice(cx - b, cx + b + 1)
+    amp = amp.clone()
+    amp[..., rows, cols] = spec_ref.abs()[..., rows, cols]
+    spec = torch.polar(amp, phase)
+    out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real
+    return out.clamp_(0.0, 1.0).to(src.dtype)
+
+
+# sRGB (D65) <-> CIE Lab, enough to match colour statistics; constants from the standards.
+_RGB_TO_XYZ = torch.tensor(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_WHITE = torch.tensor([0.950456, 1.0, 1.088754])
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) sRGB in [0, 1] -> Lab (L in [0, 100])."""
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(rgb), lin) / _WHITE.to(rgb)[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack(
+        [116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1
+    )
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
+    xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787) * _WHITE.to(lab)[:, None, None]
+    lin = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_RGB_TO_XYZ).to(lab), xyz).clamp(0, 1)
+    return torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(1e-12) ** (1 / 2.4) - 0.055, 12.92 * lin)
+
+
+def color_transfer(src: torch.Tensor, ref: torch.Tensor, *, space: str = "lab") -> torch.Tensor:
+    """Match each channel's mean and std of ``src`` to ``ref`` (Reinhard et al.)."""
+    to, back = (rgb_to_lab, lab_to_rgb) if space == "lab" else (lambda x: x, lambda x: x)
+    a, r = to(src.float()), to(ref.float())
+    a_mean, a_std = a.mean(dim=(2, 3), keepdim=True), a.std(dim=(2, 3), keepdim=True)
+    r_mean, r_std = r.mean(dim=(2, 3), keepdim=True), r.std(dim=(2, 3), keepdim=True)
+    out = (a - a_mean) / (a_std + 1e-5) * r_std + r_mean
+    return back(out).clamp_(0.0, 1.0).to(src.dtype)
+
+
+def translate(src: torch.Tensor, ref: torch.Tensor, *, mode: str, fda_beta: float,
+              color_space: str) -> torch.Tensor:
+    """The ``method.translate`` option. ``none`` returns ``src`` (strong augmentation, applied
+    by the caller, then provides the appearance change)."""
+    if mode == "fda":
+        return fda(src, ref, beta=fda_beta)
+    if mode == "color":
+        return color_transfer(src, ref, space=color_space)
+    if mode == "none":
+        return src
+    raise ValueError(f"unknown translation mode {mode!r}")

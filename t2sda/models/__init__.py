@@ -1,0 +1,136 @@
+"""Segmentation models: a flat registry of name -> factory, in the style of timm.
+
+Every model is a ``Segmentor``: it takes images in [0, 1], normalises them itself and returns
+``(logits, feature)`` at the same reduced resolution; the caller upsamples the logits.
+
+    model = build_model("daformer_mitb5", num_classes=19, pretrained="timm")
+    model = MODELS["small_cnn"](num_classes=11, width=48)  # factory keywords beyond build_model's
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Segmentor(nn.Module):
+    """Base class. Subclasses put the encoder in ``self.backbone`` and every other parameter in
+    ``self.head``, so ``param_groups`` partitions the parameters for the "head lr x10" rule and
+    ``pretrained=<path>`` knows which module a backbone checkpoint belongs to.
+
+    ``forward(image (B, 3, H, W) in [0, 1]) -> (logits (B, C, h, w), feature (B, feature_dim, h, w))``
+    """
+
+    feature_dim: int
+    backbone: nn.Module
+    head: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Normalising inside the model keeps data pipelines and augmentations in [0, 1] pixel
+        # space; non-persistent buffers follow .to(device) but stay out of checkpoints.
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, image: Tensor) -> Tensor:
+        return (image - self.mean) / self.std
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, head parameters)."""
+        return list(self.backbone.parameters()), list(self.head.parameters())
+
+
+# The model modules subclass Segmentor, so they are imported only once it exists.
+from t2sda.models.daformer import daformer_mitb5  # noqa: E402
+from t2sda.models.deeplabv2 import deeplabv2_r101  # noqa: E402
+from t2sda.models.small import small_cnn  # noqa: E402
+
+MODELS: dict[str, Callable[..., Segmentor]] = {
+    "deeplabv2_r101": deeplabv2_r101,
+    "daformer_mitb5": daformer_mitb5,
+    "small_cnn": small_cnn,
+}
+
+
+def build_model(name: str, *, num_classes: int, pretrained: str = "") -> Segmentor:
+    """Build a registered model.
+
+    pretrained: "" random init; "timm" timm's ImageNet weights (downloaded by timm when the hub
+    is reachable); anything else is a path to a backbone checkpoint (.pth/.pt/.safetensors).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    model = MODELS[name](num_classes=num_classes, pretrained_timm=pretrained == "timm")
+    if pretrained not in ("", "timm"):
+        load_backbone(model.backbone, pretrained)
+    return model
+
+
+def load_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Load a timm backbone state dict from ``path`` into ``backbone``, non-strictly.
+
+    Accepts the dict directly or nested under "state_dict" / "model", with "module." (DDP) or
+    "backbone." (a whole Segmentor's state dict) prefixes, and full timm model keys as well as
+    the features_only wrapper's. Logs missing / unexpected key counts; raises if nothing matches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained backbone checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+
+    own = backbone.state_dict()
+    matched: dict[str, Tensor] = {}
+    for key in own:
+        # timm's features_only wrapper flattens nested Sequentials ("stages.0" -> "stages_0"),
+        # so a checkpoint of the full timm model names the same tensor differently.
+        source = key if key in state else _full_model_key(key)
+        if source in state:
+            matched[key] = state.pop(source)
+    bad_shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+                  for k, v in matched.items() if v.shape != own[k].shape]
+    if bad_shapes:
+        raise ValueError(f"{path}: {len(bad_shapes)} backbone tensors have the wrong shape, "
+                         f"e.g. {bad_shapes[:3]}")
+    missing = [k for k in own if k not in matched]
+    if not matched:
+        raise ValueError(f"{path}: no key matches the backbone ({len(state)} checkpoint keys, "
+                         f"e.g. {list(state)[:3]}; backbone keys e.g. {list(own)[:3]})")
+    backbone.load_state_dict(matched, strict=False)
+    log.info("loaded %d backbone tensors from %s", len(matched), path)
+    if missing or state:
+        log.warning("backbone checkpoint %s: %d missing keys (e.g. %s), %d unexpected keys "
+                    "(e.g. %s)", path, len(missing), missing[:3], len(state), list(state)[:3])
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in ("module.", "backbone."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _full_model_key(key: str) -> str:
+    """"stages_0.blocks.0.norm1.weight" -> "stages.0.blocks.0.norm1.weight"."""
+    first, dot, rest = key.partition(".")
+    parent, _, child = first.rpartition("_")
+    return f"{parent}.{child}{dot}{rest}" if parent else key

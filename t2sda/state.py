@@ -1,0 +1,101 @@
+"""What one training run holds: student, teacher, optimizer and the method's running state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from t2sda.config import Config
+from t2sda.dist import unwrap
+from t2sda.method.class_weights import ClassWeighter
+from t2sda.method.pull_loss import PrototypeBank
+from t2sda.method.teacher import EMATeacher
+from t2sda.models import build_model
+from t2sda.models.proj import ProjectionHead
+
+
+class Network(nn.Module):
+    """Segmentor plus the training-only projection head: the module DDP wraps."""
+
+    def __init__(self, segmentor: nn.Module, proj: nn.Module | None):
+        super().__init__()
+        self.segmentor = segmentor
+        self.proj = proj
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """image (B, 3, H, W) in [0, 1] -> logits (B, C, h, w), projection (B, P, h, w) | None."""
+        logits, feature = self.segmentor(image)
+        return logits, (self.proj(feature) if self.proj is not None else None)
+
+
+@dataclasses.dataclass
+class TrainState:
+    student: nn.Module  # Network, possibly wrapped in DistributedDataParallel
+    teacher: EMATeacher
+    optimizer: torch.optim.Optimizer
+    bank: PrototypeBank | None
+    weighter: ClassWeighter
+    num_classes: int
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "student": unwrap(self.student).state_dict(),
+            "teacher": self.teacher.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "weighter": self.weighter.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.student).load_state_dict(state["student"])
+        self.teacher.model.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.bank is not None and state["bank"] is not None:
+            self.bank.load_state_dict(state["bank"])
+        self.weighter.load_state_dict(state["weighter"])
+        self.step = state["step"]
+
+
+def uses_pull(cfg: Config) -> bool:
+    return cfg.method.pull_weight > 0
+
+
+def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=None) -> TrainState:
+    """Build everything from ``cfg`` with the model initialised from ``cfg.seed``.
+
+    ``wrap`` (e.g. DDP or Ray's ``prepare_model``) is applied to the student only, after the
+    teacher has been copied from the unwrapped student, so all ranks start identical.
+    """
+    torch.manual_seed(cfg.seed)
+    segmentor = build_model(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    proj = ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim) if uses_pull(cfg) else None
+    network = Network(segmentor, proj).to(device)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    teacher = EMATeacher(network)
+    backbone, head = segmentor.param_groups()
+    if proj is not None:
+        head = head + list(proj.parameters())
+    groups = [
+        {"params": backbone, "lr": cfg.optim.lr},
+        {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult},
+    ]
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    m = cfg.method
+    bank = (
+        PrototypeBank(num_classes, cfg.model.proj_dim, momentum=m.proto_momentum, device=device)
+        if uses_pull(cfg)
+        else None
+    )
+    weighter = ClassWeighter(
+        num_classes, mode=m.weight_mode, momentum=m.weight_momentum, gamma=m.weight_gamma,
+        device=device,
+    )
+    student = wrap(network) if wrap is not None else network
+    return TrainState(student, teacher, optimizer, bank, weighter, num_classes)

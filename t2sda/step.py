@@ -1,0 +1,168 @@
+"""One T2S-DA training step, in one straight function.
+
+translate -> pseudo-label -> mix -> losses -> one backward -> optimizer -> EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from t2sda import schedules
+from t2sda.config import Config
+from t2sda.dist import unwrap
+from t2sda.method.mixing import class_mix_mask, mix, strong_augment
+from t2sda.method.pseudo_label import pseudo_label
+from t2sda.method.pull_loss import pull_loss, sample_pixels
+from t2sda.method.translate import translate
+from t2sda.state import TrainState
+
+IGNORE = 255
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and the term."""
+
+
+def _resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour (B, H, W) -> (B, h, w): no invented classes on boundaries."""
+    return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def _weighted_ce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over all pixels of weight * CE (ignore pixels contribute 0), DAFormer style."""
+    loss = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+    return (loss * weight).mean()
+
+
+def _autocast(device: torch.device, amp: str):
+    use_bf16 = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_step(
+    state: TrainState,
+    src_img: torch.Tensor,
+    src_label: torch.Tensor,
+    tgt_img: torch.Tensor,
+    cfg: Config,
+) -> dict[str, float]:
+    """src_img, tgt_img (B, 3, H, W) in [0, 1]; src_label (B, H, W). Returns scalar logs
+    (losses, schedule values and ``class_weight/<c>`` for every class)."""
+    m, step = cfg.method, state.step
+    device, (b, _, h, w) = src_img.device, src_img.shape
+    lr_scale = schedules.lr_factor(
+        step, total=cfg.train.iters, warmup=cfg.optim.warmup_iters, power=cfg.optim.poly_power
+    )
+    for group in state.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_scale
+    adapt = m.self_training and step >= m.self_training_start
+    pull_weight = m.pull_weight * schedules.ramp(step, start=m.self_training_start, length=m.pull_warmup)
+    pulling = state.bank is not None and pull_weight > 0
+
+    # 1. Target-like source: same content and labels as x_s, target appearance.
+    ref = tgt_img[torch.randperm(b, device=device)]
+    src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta, color_space=m.color_space)
+    if m.translate == "none" and m.src_ce_on_translated:
+        src_like = strong_augment(src_img)
+    use_src_like = m.src_ce_on_translated or pulling
+
+    # 2. Teacher (no grad): pseudo labels on x_t, keys on x_s — one forward.
+    teacher_in = [tgt_img] if adapt else []
+    teacher_in += [src_img] if pulling else []
+    tgt_label = tgt_weight = tgt_conf = None
+    if teacher_in:
+        with torch.no_grad(), _autocast(device, cfg.train.amp):
+            t_logits, t_proj = state.teacher(torch.cat(teacher_in))
+        if adapt:
+            t_up = F.interpolate(t_logits[:b].float(), size=(h, w), mode="bilinear", align_corners=False)
+            tgt_label, tgt_weight, tgt_conf = pseudo_label(
+                t_up, threshold=m.pseudo_threshold, weight_mode=m.pseudo_weight,
+                ignore_top=m.pseudo_ignore_top, ignore_bottom=m.pseudo_ignore_bottom,
+            )
+
+    # 3. Mixed image: half of each source image's classes pasted onto a target image.
+    if adapt:
+        if m.mix == "classmix":
+            mask = class_mix_mask(src_label)
+            mix_img = mix(mask, src_img, tgt_img)
+            mix_label = mix(mask, src_label, tgt_label)
+            mix_weight = mix(mask, torch.ones_like(tgt_weight), tgt_weight)
+        else:
+            mask = torch.zeros_like(src_img[:, :1])
+            mix_img, mix_label, mix_weight = tgt_img, tgt_label, tgt_weight
+        if m.strong_aug:
+            mix_img = strong_augment(mix_img)
+    query_img = strong_augment(src_like) if pulling and m.query_aug else src_like
+
+    # 4. Student: one forward over every image it learns from (one graph, one backward).
+    student_in = [src_img] + ([query_img] if use_src_like else []) + ([mix_img] if adapt else [])
+    with _autocast(device, cfg.train.amp):
+        logits, proj = state.student(torch.cat(student_in))
+    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+    parts = logits.split(b)
+    losses = {"loss_src": F.cross_entropy(parts[0], src_label, ignore_index=IGNORE)}
+    if use_src_like and m.src_ce_on_translated:
+        ce_like = F.cross_entropy(parts[1], src_label, ignore_index=IGNORE)
+        losses["loss_src"] = 0.5 * (losses["loss_src"] + ce_like)
+    if adapt:
+        losses["loss_mix"] = _weighted_ce(parts[-1], mix_label, mix_weight)
+
+    # 5. Pull target(-like) features toward source prototypes, weighted per class.
+    blend = schedules.weight_blend(
+        step, schedule=m.weight_schedule, start=m.self_training_start, length=m.weight_warmup
+    )
+    class_weight = state.weighter.weights(blend)
+    if pulling:
+        fh, fw = proj.shape[-2:]
+        proj = proj.float()
+        t_src_proj = t_proj[-b:].float()
+        key, key_label = sample_pixels(
+            t_src_proj, _resize_label(src_label, (fh, fw)), per_class=m.num_negatives,
+            balanced=m.negative_sampling == "balanced",
+        )
+        state.bank.update(key, key_label)
+        query, query_label = sample_pixels(
+            proj[b : 2 * b], _resize_label(src_label, (fh, fw)), per_class=m.num_queries
+        )
+        if adapt and m.pull_target_pixels:
+            # Confident target pixels of the mixed image (mask 0), labelled by the teacher.
+            confident = (tgt_conf >= m.pseudo_threshold) & (mask[:, 0] == 0)
+            tgt_query_label = _resize_label(torch.where(confident, tgt_label, IGNORE), (fh, fw))
+            tq, tq_label = sample_pixels(proj[-b:], tgt_query_label, per_class=m.num_queries)
+            query, query_label = torch.cat([query, tq]), torch.cat([query_label, tq_label])
+        if m.negatives == "prototypes":
+            key = state.bank.get()
+            key_label = torch.where(state.bank.seen, torch.arange(len(key), device=device), IGNORE)
+        losses["loss_pull"] = pull_loss(
+            query, query_label, key, key_label, temperature=m.pull_temperature,
+            class_weight=class_weight, prototypes=state.bank.get() if m.pull_keys == "bank" else None,
+            num_queries=m.num_queries, num_negatives=m.num_negatives,
+        )
+    if use_src_like:  # the re-weighting score: student on the target-like source batch
+        state.weighter.update(parts[1].detach(), src_label)
+
+    total = losses["loss_src"] + losses.get("loss_mix", 0.0)
+    if "loss_pull" in losses:
+        total = total + pull_weight * losses["loss_pull"]
+    for name, value in {**losses, "loss": total}.items():
+        if not torch.isfinite(value):
+            raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value.item()}")
+    state.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    state.optimizer.step()
+    momentum = schedules.ema_momentum(step, momentum=m.ema_momentum)
+    state.teacher.update(unwrap(state.student), momentum=momentum)
+    state.step += 1
+
+    logs = {name: value.item() for name, value in losses.items()}
+    logs.update(loss=total.item(), lr=state.optimizer.param_groups[0]["lr"], ema_momentum=momentum,
+                pull_weight=pull_weight)
+    if tgt_conf is not None:
+        logs["pseudo_conf_frac"] = (tgt_conf >= m.pseudo_threshold).float().mean().item()
+    logs.update({f"class_weight/{c}": v for c, v in enumerate(class_weight.tolist())})
+    return logs

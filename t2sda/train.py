@@ -1,0 +1,192 @@
+"""The training entry: one straight loop around ``train_step`` with evaluation and checkpoints.
+
+Runs as-is in one process (``python -m t2sda train``) and under DDP: when a process group is
+initialised (torchrun, Ray Train) the student is wrapped in DistributedDataParallel here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from t2sda import checkpoint, dist
+from t2sda.config import Config
+from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
+from t2sda.evaluate import evaluate, iou_from_confusion, predict
+from t2sda.method.translate import translate
+from t2sda.state import TrainState, build_state
+from t2sda.step import train_step
+from t2sda.tb import NullLogger, TBLogger, colorize
+
+# report(metrics, checkpoint_dir): every rank calls it at the same steps; only rank 0 passes a
+# checkpoint directory. Ray Train plugs in here.
+Report = Callable[[dict, "str | None"], None]
+
+
+def _wrap_ddp(device: torch.device):
+    if not dist.is_distributed():
+        return None
+    ids = [device.index] if device.type == "cuda" else None
+    return lambda net: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """Augmentation / sampling randomness is a function of (seed, rank, step), so a resumed run
+    draws exactly what the uninterrupted one drew, and ranks draw differently."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop evaluations past ``after_step`` (a resumed run will redo them), atomically."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dict:
+    student, teacher = dist.unwrap(state.student), state.teacher
+    student.eval()
+    loader = eval_loader(data.val, batch_size=cfg.data.batch_size, rank=dist.rank(),
+                         world_size=dist.world_size())
+    confs = evaluate({"student": student, "teacher": teacher}, loader,
+                     num_classes=data.num_classes, device=device)
+    student.train()
+    metrics = {}
+    for name, conf in confs.items():
+        iou, miou = iou_from_confusion(conf)
+        suffix = "" if name == "student" else "_teacher"
+        metrics[f"val/mIoU{suffix}"] = 100 * miou.item()
+        for class_name, value in zip(data.class_names, iou.tolist(), strict=True):
+            metrics[f"val/IoU{suffix}/{class_name}"] = 100 * value
+    return metrics
+
+
+@torch.no_grad()
+def _log_images(logger, state: TrainState, data, cfg: Config, device, step: int) -> None:
+    """A fixed panel (first 4 source and validation images), so frames compare across steps."""
+    src = torch.stack([data.source[i][0] for i in range(4)]).to(device)
+    tgt, tgt_label = (torch.stack(x).to(device) for x in zip(*(data.val[i] for i in range(4))))
+    m, c = cfg.method, data.num_classes
+    student = dist.unwrap(state.student)
+    student.eval()
+    logger.images("images/1_source", src, step)
+    logger.images("images/2_source_target_like",
+                  translate(src, tgt.roll(1, 0), mode=m.translate, fda_beta=m.fda_beta,
+                            color_space=m.color_space), step)
+    logger.images("images/3_target", tgt, step)
+    logger.images("images/4_pseudo_label", colorize(predict(state.teacher, tgt, num_classes=c), c),
+                  step)
+    logger.images("images/5_prediction", colorize(predict(student, tgt, num_classes=c), c), step)
+    logger.images("images/6_ground_truth", colorize(tgt_label, c), step)
+    student.train()
+
+
+def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
+          report: Report | None = None, resume: str | Path | None = None) -> dict:
+    """Train ``cfg`` in ``run_dir``; resume from a checkpoint file or directory if given.
+
+    Returns the last evaluation's metrics.
+    """
+    device, run_dir = torch.device(device), Path(run_dir)
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    payload = checkpoint.load(resume) if resume is not None else None  # fail before any write
+    data = build_datasets(cfg.data, seed=cfg.seed)
+    state = build_state(cfg, num_classes=data.num_classes, device=device, wrap=_wrap_ddp(device))
+    if payload is not None:
+        try:
+            state.load_state_dict(payload["state"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise checkpoint.CheckpointError(
+                f"checkpoint {resume}: does not fit this config ({first})") from None
+    start = state.step
+    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    logger = NullLogger()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        _truncate_metrics(metrics_path, start)
+        logger = TBLogger(run_dir, purge_step=start if start else None)
+
+    b = cfg.data.batch_size
+    streams = [batch_stream(dataset, batch_size=b, seed=cfg.seed * 2 + i, rank=rank,
+                            world_size=world, start_step=start, num_workers=cfg.data.num_workers,
+                            pin_memory=device.type == "cuda")
+               for i, dataset in enumerate((data.source, data.target))]
+    # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
+    window, window_time, window_steps = defaultdict(float), 0.0, 0
+    metrics: dict = {}
+    state.student.train()
+    while state.step < cfg.train.iters:
+        tic = time.perf_counter()
+        (src_img, src_label), (tgt_img, _) = (next(s) for s in streams)
+        src_img, src_label, tgt_img = (x.to(device, non_blocking=True)
+                                       for x in (src_img, src_label, tgt_img))
+        if state.step == cfg.train.fail_at_step and not (run_dir / ".failed_once").exists():
+            if main:
+                (run_dir / ".failed_once").touch()
+            raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
+        torch.manual_seed(_step_seed(cfg.seed, rank, state.step))
+        logs = train_step(state, src_img, src_label, tgt_img, cfg)
+        step = state.step  # steps done
+        window_time += time.perf_counter() - tic
+        for key, value in logs.items():
+            window[key] += value
+        window_steps += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.iters:
+            means = {k: v / window_steps for k, v in window.items()}
+            weights = {k: v for k, v in means.items() if k.startswith("class_weight/")}
+            logger.scalars({k: v for k, v in means.items() if k not in weights}, step, "train/")
+            logger.scalars({f"train/class_weight/{data.class_names[int(k.split('/')[1])]}": v
+                            for k, v in weights.items()}, step)
+            logger.scalar("perf/images_per_s", 2 * b * world * window_steps / window_time, step)
+            window, window_time, window_steps = defaultdict(float), 0.0, 0
+
+        evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.iters
+        save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.iters
+        if evaluate_now:
+            metrics = {"step": step, **_validate(state, data, cfg, device)}
+            if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):
+                raise RuntimeError(f"step {step}: validation mIoU is not finite")
+            if main:
+                logger.scalars({k: v for k, v in metrics.items() if k != "step"}, step)
+                if cfg.train.images_every == 0:
+                    _log_images(logger, state, data, cfg, device, step)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                logger.flush()
+        if main and cfg.train.images_every and step % cfg.train.images_every == 0:
+            _log_images(logger, state, data, cfg, device, step)
+        ckpt_dir = None
+        if save_now and main:
+            ckpt_dir = ckpt_root / f"step_{step:07d}"
+            checkpoint.save(ckpt_dir, {"state": state.state_dict(), "step": step,
+                                       "config": cfg.to_dict(), "metrics": metrics})
+            checkpoint.prune(ckpt_root, keep=cfg.train.keep_checkpoints)
+        if report is not None and (evaluate_now or save_now):
+            report(dict(metrics), str(ckpt_dir) if ckpt_dir else None)
+    logger.close()
+    return metrics
+
+
+if __name__ == "__main__":  # python -m t2sda.train ... == python -m t2sda train ...
+    import sys
+
+    from t2sda.__main__ import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
