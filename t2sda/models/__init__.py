@@ -27,7 +27,8 @@ class Segmentor(nn.Module):
     ``self.head``, so ``param_groups`` partitions the parameters for the "head lr x10" rule and
     ``pretrained=<path>`` knows which module a backbone checkpoint belongs to.
 
-    ``forward(image (B, 3, H, W) in [0, 1]) -> (logits (B, C, h, w), feature (B, feature_dim, h, w))``
+    ``forward(image (B, 3, H, W) in [0, 1])`` returns logits (B, C, h, w) and the decoder feature
+    (B, feature_dim, h, w) at the model's output stride.
     """
 
     feature_dim: int

@@ -7,8 +7,8 @@ Shape of the design, and why (timings: forward + backward, batch 32, 64x64, one 
 * Output stride 2 keeps thin strokes; the stride-2 stem feature supplies that detail through a
   1x1 projection that is added to the upsampled context. The fusion at stride 2 is linear (no
   BN / ReLU) on purpose: at that resolution memory-bound elementwise ops dominate CPU time
-  (a BN + ReLU over the 64-ch feature costs about as much as all the context convs).
-* Activations are channels_last, which oneDNN runs about 1.5x faster than NCHW on CPU.
+  (a BN + ReLU over the 64-ch feature would add about 8 ms to a step of about 28 ms).
+* Activations are channels_last, which oneDNN runs about 1.5x faster than NCHW here.
 """
 
 from __future__ import annotations

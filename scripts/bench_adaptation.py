@@ -1,0 +1,142 @@
+"""Adaptation benchmark on the embedded data: the ablation ladder over several seeds.
+
+    .venv/bin/python scripts/bench_adaptation.py                      # digits, seeds 0 1 2
+    .venv/bin/python scripts/bench_adaptation.py --preset digits_hard --seeds 0
+    .venv/bin/python scripts/bench_adaptation.py --variants mean_teacher t2sda --set train.iters=600
+
+Each (variant, seed) is one ``python -m t2sda train`` run in its own process (one CPU thread
+each, ``--jobs`` at a time). Final target mIoU (student, and the teacher beside it) is read
+from each run's metrics.jsonl. Afterwards the step time with and without the pull loss +
+re-weighting is measured in-process, alone on the machine. Prints a markdown table and writes
+``<out>/results.json`` and ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# The ablation ladder of METHOD.md: each row adds one T2S-DA piece to the one above.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "source_only": ("source only", ["method.self_training=false", "method.pull_weight=0",
+                                    "method.translate=none"]),
+    "mean_teacher": ("mean teacher (DAFormer-style)", ["method.pull_weight=0",
+                                                       "method.translate=none"]),
+    "translation": ("+ target-like translation", ["method.pull_weight=0"]),
+    "pull_uniform": ("+ pull loss, uniform weights", ["method.weight_mode=uniform"]),
+    "t2sda": ("+ dynamic weights (full T2S-DA)", []),
+    "oracle": ("target oracle", ["data.oracle=true", "method.self_training=false",
+                                 "method.pull_weight=0", "method.translate=none"]),
+}
+
+
+def run_one(root: Path, preset: str, variant: str, seed: int, extra: list[str]) -> dict:
+    run_dir = root / "runs" / f"{variant}-seed{seed}"
+    metrics_file = run_dir / "metrics.jsonl"
+    overrides = [*VARIANTS[variant][1], f"seed={seed}", "train.threads=1", *extra]
+    if not metrics_file.exists():  # finished runs are kept: re-running resumes the table
+        cmd = [sys.executable, "-m", "t2sda", "train", "--preset", preset, "--run-dir",
+               str(run_dir), "--set", *overrides]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"run {variant} seed {seed} failed:\n{proc.stderr[-2000:]}")
+        (run_dir / "wall_seconds").write_text(f"{wall:.1f}\n")
+    last = json.loads(metrics_file.read_text().splitlines()[-1])
+    return {"variant": variant, "seed": seed, "mIoU": last["val/mIoU"],
+            "mIoU_teacher": last["val/mIoU_teacher"], "step": last["step"],
+            "wall_s": float((run_dir / "wall_seconds").read_text())}
+
+
+def step_time(preset: str, extra: list[str], steps: int) -> dict:
+    """ms per adaptation step, one thread, with and without pull loss + re-weighting."""
+    import torch
+
+    from t2sda.data.loaders import batch_stream, build_datasets
+    from t2sda.presets import get_preset
+    from t2sda.state import build_state
+    from t2sda.step import train_step
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, overrides in (("without", ["method.pull_weight=0", "method.weight_mode=uniform"]),
+                            ("with", [])):
+        cfg = get_preset(preset).with_overrides(
+            [*extra, *overrides, "method.self_training_start=0", "method.pull_warmup=0"])
+        data = build_datasets(cfg.data, seed=0)
+        state = build_state(cfg, num_classes=data.num_classes, device=torch.device("cpu"))
+        streams = [batch_stream(d, batch_size=cfg.data.batch_size, seed=i)
+                   for i, d in enumerate((data.source, data.target))]
+        batches = [(next(streams[0]), next(streams[1])) for _ in range(steps + 5)]
+        times = []
+        for i, ((src, src_label), (tgt, _)) in enumerate(batches):
+            torch.manual_seed(i)
+            tic = time.perf_counter()
+            train_step(state, src, src_label, tgt, cfg)
+            if i >= 5:  # first steps warm up oneDNN
+                times.append(time.perf_counter() - tic)
+        out[name] = 1000 * statistics.median(times)
+    out["overhead_pct"] = 100 * (out["with"] / out["without"] - 1)
+    return out
+
+
+def table(results: list[dict], seeds: list[int]) -> str:
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean ± std | teacher mean | wall s / run |",
+             "|---" * (len(seeds) + 4) + "|"]
+    summary = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rows = {r["seed"]: r for r in results if r["variant"] == variant}
+        values = [rows[s]["mIoU"] for s in seeds if s in rows]
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        teacher = statistics.mean(rows[s]["mIoU_teacher"] for s in seeds if s in rows)
+        wall = statistics.mean(rows[s]["wall_s"] for s in seeds if s in rows)
+        summary[variant] = {"mean": mean, "std": std, "teacher_mean": teacher, "wall_s": wall}
+        cells = [f"{rows[s]['mIoU']:.1f}" if s in rows else "–" for s in seeds]
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(cells)
+                     + f" | **{mean:.1f} ± {std:.1f}** | {teacher:.1f} | {wall:.0f} |")
+    return "\n".join(lines), summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides applied to every run")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default="results/bench_adaptation")
+    parser.add_argument("--timing-steps", type=int, default=40,
+                        help="steps timed per setting for the pull-loss overhead (0 = skip)")
+    args = parser.parse_args()
+    root = Path(args.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_one(root, args.preset, *job, args.set), jobs))
+    text, summary = table(results, args.seeds)
+    timing = step_time(args.preset, args.set, args.timing_steps) if args.timing_steps else None
+    if timing:
+        text += (f"\n\nStep time (1 thread, adaptation phase, median of {args.timing_steps}): "
+                 f"{timing['without']:.0f} ms without pull loss + re-weighting, "
+                 f"{timing['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %).")
+    print(text)
+    payload = {"preset": args.preset, "seeds": args.seeds, "overrides": args.set,
+               "runs": results, "summary": summary, "step_time_ms": timing}
+    (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (root / "results.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
