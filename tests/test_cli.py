@@ -1,0 +1,89 @@
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, module="t2sda"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--preset", "nope"], ["unknown preset 'nope'", "digits_hard"]),
+    (["--set", "method.nope=1"], ["unknown config key 'method.nope'"]),
+    (["--set", "train.iters=ten"], ["train.iters='ten'", "expected an integer"]),
+    (["--set", "method.pull_temperature=0"], ["method.pull_temperature=0.0", "must be > 0"]),
+    (["--set", "method.ema_momentum=1.5"], ["method.ema_momentum=1.5", "[0, 1)"]),
+    (["--set", "train.iters=-1"], ["train.iters=-1", ">= 0"]),
+    (["--config", "/nonexistent/config.json"], ["config file /nonexistent/config.json"]),
+    (["--device", "cuda:0"], ["CUDA is not available"]),
+])
+def test_bad_input_is_one_line_exit_2(args, fragments, tmp_path):
+    _one_line_error(_cli("train", "--run-dir", str(tmp_path / "run"), *args), *fragments)
+
+
+def test_run_dir_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(_cli("train", "--run-dir", str(blocker / "run")), "not writable")
+    _one_line_error(_cli("train", "--run-dir", str(tmp_path / "empty"), "--resume"),
+                    "no checkpoint to resume from")
+
+
+@pytest.mark.slow
+def test_train_then_resume_and_refuse_overwrite(tmp_path):
+    run = tmp_path / "run"
+    done = _cli("--run-dir", str(run), "--set", *TINY, module="t2sda.train")  # DESIGN.md's form
+    assert done.returncode == 0, done.stderr
+    assert "val/mIoU" in done.stdout
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 6
+    # Same run dir again without --resume: refused, nothing touched.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    _one_line_error(_cli("train", "--run-dir", str(run), "--set", *TINY), "already holds a run")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # Resume a finished run with more steps: continues from step 6.
+    more = _cli("train", "--run-dir", str(run), "--resume", "--set", *TINY, "train.iters=9")
+    assert more.returncode == 0, more.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9]
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    assert _cli("train", "--run-dir", str(run), "--set", *TINY).returncode == 0
+    state = run / "checkpoints" / "step_0000006" / "state.pt"
+    state.write_bytes(b"\x00corrupt")
+    _one_line_error(_cli("train", "--run-dir", str(run), "--resume", "--set", *TINY),
+                    "unreadable", str(state))
+    assert state.read_bytes() == b"\x00corrupt"
+
+
+def test_only_ray_glue_imports_ray():
+    offenders = []
+    for path in (ROOT / "t2sda").rglob("*.py"):
+        if "ray_glue" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+from t2sda import checkpoint
+from t2sda.data.loaders import InfiniteSampler
+from t2sda.state import build_state
+from t2sda.step import NonFiniteLossError, train_step
+from t2sda.train import train
+
+
+def _event_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+
+
+def test_train_writes_config_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
+    reports = []
+    metrics = train(tiny_cfg, device="cpu", run_dir=tmp_path,
+                    report=lambda m, ckpt: reports.append((m, ckpt)))
+    assert json.loads((tmp_path / "config.json").read_text()) == tiny_cfg.to_dict()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6]
+    assert metrics == lines[-1] and 0 <= metrics["val/mIoU"] <= 100
+    assert {"val/mIoU", "val/mIoU_teacher", "val/IoU/background", "val/IoU/7"} <= set(metrics)
+    assert [m["step"] for m, _ in reports] == [3, 6] and all(c for _, c in reports)
+    assert [step for step, _ in checkpoint.step_dirs(tmp_path / "checkpoints")] == [3, 6]
+    scalars, images = _event_tags(tmp_path)
+    expected = {"train/loss", "train/loss_src", "train/loss_mix", "train/loss_pull",
+                "train/pseudo_conf_frac", "train/lr", "train/ema_momentum", "train/pull_weight",
+                "train/class_weight/background", "train/class_weight/9", "val/mIoU",
+                "val/mIoU_teacher", "val/IoU/background", "perf/images_per_s"}
+    assert expected <= scalars, expected - scalars
+    assert {"images/1_source", "images/2_source_target_like", "images/3_target",
+            "images/4_pseudo_label", "images/5_prediction", "images/6_ground_truth"} <= images
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_cfg, tmp_path):
+    full = train(tiny_cfg, device="cpu", run_dir=tmp_path / "full")
+    interrupted = tiny_cfg.with_overrides(["train.fail_at_step=4"])
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        train(interrupted, device="cpu", run_dir=tmp_path / "resumed")
+    last = checkpoint.latest(tmp_path / "resumed" / "checkpoints")
+    assert last.name == "step_0000003"
+    resumed = train(interrupted, device="cpu", run_dir=tmp_path / "resumed", resume=last)
+    assert resumed["step"] == 6
+    assert resumed["val/mIoU"] == pytest.approx(full["val/mIoU"], abs=1e-6)
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "step_0000006")["state"]
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoints" / "step_0000006")["state"]
+    for name, tensor in a["student"].items():
+        assert torch.allclose(tensor.float(), b["student"][name].float(), atol=1e-6), name
+    steps = [json.loads(x)["step"] for x in
+             (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+
+
+def test_bad_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        train(tiny_cfg, device="cpu", run_dir=tmp_path / "a", resume=tmp_path / "nope")
+    bad = tmp_path / "bad" / "state.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        train(tiny_cfg, device="cpu", run_dir=tmp_path / "a", resume=bad)
+    assert not (tmp_path / "a").exists()  # failed before writing anything
+
+
+def test_gradients_reach_only_the_student(tiny_cfg):
+    from t2sda.data.loaders import build_datasets
+
+    cfg = tiny_cfg.with_overrides(["method.self_training_start=0"])
+    data = build_datasets(cfg.data, seed=0)
+    state = build_state(cfg, num_classes=data.num_classes, device=torch.device("cpu"))
+    src, src_label = (torch.stack(x) for x in zip(*(data.source[i] for i in range(4))))
+    tgt = torch.stack([data.target[i][0] for i in range(4)])
+    teacher_before = {k: v.clone() for k, v in state.teacher.model.state_dict().items()}
+    logs = train_step(state, src, src_label, tgt, cfg)
+    assert {"loss_src", "loss_mix", "loss_pull"} <= set(logs)
+    assert all(p.grad is None for p in state.teacher.parameters())
+    grads = [p.grad for p in state.student.parameters()]
+    assert all(g is not None for g in grads)  # the projection head included
+    # The teacher moved by exactly the EMA rule at k = 0 (alpha = 0: a copy of the student).
+    for (name, t), s in zip(state.teacher.model.state_dict().items(),
+                            state.student.state_dict().values(), strict=True):
+        if t.dtype.is_floating_point:
+            assert torch.allclose(t, s), name
+    assert any(not torch.equal(teacher_before[k], v)
+               for k, v in state.teacher.model.state_dict().items())
+
+
+def test_nonfinite_loss_names_step_and_term(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.with_overrides(["optim.lr=1e30", "optim.warmup_iters=0"])
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: loss term 'loss\w*' is (nan|inf)"):
+        train(cfg, device="cpu", run_dir=tmp_path)
+
+
+def test_infinite_sampler_resumes_and_shards():
+    full = InfiniteSampler(10, seed=3)
+    stream = [i for _, i in zip(range(25), full)]
+    assert sorted(stream[:10]) == list(range(10)) and stream[:10] != stream[10:20]
+    later = InfiniteSampler(10, seed=3, start=13)
+    assert [i for _, i in zip(range(12), later)] == stream[13:25]
+    ranks = [InfiniteSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    shards = [[i for _, i in zip(range(5), s)] for s in ranks]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
