@@ -97,6 +97,7 @@ class MethodConfig:
     pull_temperature: float = 0.2
     pull_target_pixels: bool = True  # also pull confident target pixels (teacher labels)
     pull_keys: str = "bank"  # bank (EMA prototypes of past batches) | batch
+    pull_key_net: str = "teacher"  # teacher (EMA) | student (its own x_s pass, detached: cheaper)
     proto_momentum: float = 0.99
     negatives: str = "pixels"  # pixels | prototypes
     negative_sampling: str = "balanced"  # balanced (evenly per class) | uniform
@@ -125,6 +126,7 @@ class MethodConfig:
         _non_negative("method.pull_warmup", self.pull_warmup)
         _positive("method.pull_temperature", self.pull_temperature)
         _choice("method.pull_keys", self.pull_keys, ("bank", "batch"))
+        _choice("method.pull_key_net", self.pull_key_net, ("teacher", "student"))
         _unit("method.proto_momentum", self.proto_momentum, open_high=True)
         _choice("method.negatives", self.negatives, ("pixels", "prototypes"))
         _choice("method.negative_sampling", self.negative_sampling, ("balanced", "uniform"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,10 +25,22 @@ class Network(nn.Module):
         self.segmentor = segmentor
         self.proj = proj
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """image (B, 3, H, W) in [0, 1] -> logits (B, C, h, w), projection (B, P, h, w) | None."""
+    def forward(self, image: torch.Tensor, pick: Callable | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """image (B, 3, H, W) in [0, 1] -> logits (B, C, h, w) and projected pixels (n, P).
+
+        ``pick((h, w)) -> index (n,)`` chooses pixels of the flattened (B*h*w) feature map to
+        project; it runs inside forward, once the feature size is known, so the projection
+        head is part of the graph DDP sees. Without ``pick`` (or a head) the second output is
+        None.
+        """
         logits, feature = self.segmentor(image)
-        return logits, (self.proj(feature) if self.proj is not None else None)
+        if pick is None or self.proj is None:
+            return logits, None
+        index = pick(tuple(feature.shape[-2:]))
+        # index_select's backward is an index_add (indexing's would sort the positions).
+        pixels = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
+        return logits, self.proj(pixels)
 
 
 @dataclasses.dataclass

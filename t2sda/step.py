@@ -15,7 +15,7 @@ from t2sda.config import Config
 from t2sda.dist import unwrap
 from t2sda.method.mixing import class_mix_mask, mix, strong_augment
 from t2sda.method.pseudo_label import pseudo_label
-from t2sda.method.pull_loss import pull_loss, sample_pixels
+from t2sda.method.pull_loss import pull_loss, sample_index
 from t2sda.method.translate import translate
 from t2sda.state import TrainState
 
@@ -27,8 +27,41 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour (B, H, W) -> (B, h, w): no invented classes on boundaries."""
+    """Nearest-neighbour (B, H, W) -> (B, h, w): no invented classes on boundaries.
+
+    For whole-number factors this is a strided slice (what "nearest" picks anyway), which is
+    much cheaper than interpolating a float copy.
+    """
+    (height, width), (h, w) = label.shape[-2:], size
+    if height % h == 0 and width % w == 0:
+        return label[:, :: height // h, :: width // w]
     return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class _Picker:
+    """Chooses the pixels to project once the network knows its feature size (h, w).
+
+    Each named group gives per-part label maps (B, H, W) matching the parts of the batch, with
+    255 on pixels it must not pick, and a per-class count. The call returns the groups'
+    positions concatenated; ``split(projected)`` cuts the projection back into groups and
+    ``label[name]`` holds each group's labels.
+    """
+
+    def __init__(self, **groups: tuple[list[torch.Tensor], int, bool]):
+        self.groups = {name: (torch.cat(maps), n, bal) for name, (maps, n, bal) in groups.items()}
+        self.label: dict[str, torch.Tensor] = {}
+
+    def __call__(self, size: tuple[int, int]) -> torch.Tensor:
+        picks = []
+        for name, (full_label, per_class, balanced) in self.groups.items():
+            label = _resize_label(full_label, size).reshape(-1)
+            picks.append(sample_index(label, per_class=per_class, balanced=balanced))
+            self.label[name] = label[picks[-1]]
+        return torch.cat(picks)
+
+    def split(self, projected: torch.Tensor) -> dict[str, torch.Tensor]:
+        sizes = [len(label) for label in self.label.values()]
+        return dict(zip(self.label, projected.split(sizes), strict=True))
 
 
 def _weighted_ce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -71,15 +104,23 @@ def train_step(
         src_like = strong_augment(src_img)
     use_src_like = m.src_ce_on_translated or pulling
 
-    # 2. Teacher (no grad): pseudo labels on x_t, keys on x_s — one forward.
+    # 2. Teacher (no grad): pseudo labels on x_t and, by default, the pull's keys on x_s.
+    teacher_keys = pulling and m.pull_key_net == "teacher"
     teacher_in = [tgt_img] if adapt else []
-    teacher_in += [src_img] if pulling else []
+    teacher_in += [src_img] if teacher_keys else []
+    ignore_all = torch.full_like(src_label, IGNORE)
+    keys_balanced = m.negative_sampling == "balanced"
+    key_picker = None
+    if teacher_keys:
+        key_picker = _Picker(key=([ignore_all] * adapt + [src_label], m.num_negatives,
+                                  keys_balanced))
     tgt_label = tgt_weight = tgt_conf = None
     if teacher_in:
         with torch.no_grad(), _autocast(device, cfg.train.amp):
-            t_logits, t_proj = state.teacher(torch.cat(teacher_in))
+            t_logits, t_proj = state.teacher(torch.cat(teacher_in), key_picker)
         if adapt:
-            t_up = F.interpolate(t_logits[:b].float(), size=(h, w), mode="bilinear", align_corners=False)
+            t_up = F.interpolate(t_logits[:b].float(), size=(h, w), mode="bilinear",
+                                 align_corners=False)
             tgt_label, tgt_weight, tgt_conf = pseudo_label(
                 t_up, threshold=m.pseudo_threshold, weight_mode=m.pseudo_weight,
                 ignore_top=m.pseudo_ignore_top, ignore_bottom=m.pseudo_ignore_bottom,
@@ -100,10 +141,24 @@ def train_step(
     query_img = strong_augment(src_like) if pulling and m.query_aug else src_like
 
     # 4. Student: one forward over every image it learns from (one graph, one backward).
+    # Queries: target-like source pixels (labels y_s) and, optionally, confident target
+    # pixels of the mixed image (teacher labels); only the picked pixels are projected.
     student_in = [src_img] + ([query_img] if use_src_like else []) + ([mix_img] if adapt else [])
+    picker = None
+    if pulling:
+        query_label = [ignore_all, src_label]
+        if adapt:
+            confident = (tgt_conf >= m.pseudo_threshold) & (mask[:, 0] == 0)
+            use = confident if m.pull_target_pixels else torch.zeros_like(confident)
+            query_label.append(torch.where(use, tgt_label, IGNORE))
+        groups = {"query": (query_label, m.num_queries, True)}
+        if not teacher_keys:  # keys from the student's own x_s pass, detached below
+            groups["key"] = ([src_label] + [ignore_all] * (len(student_in) - 1),
+                             m.num_negatives, keys_balanced)
+        picker = _Picker(**groups)
     with _autocast(device, cfg.train.amp):
-        logits, proj = state.student(torch.cat(student_in))
-    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        raw_logits, projected = state.student(torch.cat(student_in), picker)
+    logits = F.interpolate(raw_logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     parts = logits.split(b)
     losses = {"loss_src": F.cross_entropy(parts[0], src_label, ignore_index=IGNORE)}
     if use_src_like and m.src_ce_on_translated:
@@ -118,33 +173,25 @@ def train_step(
     )
     class_weight = state.weighter.weights(blend)
     if pulling:
-        fh, fw = proj.shape[-2:]
-        proj = proj.float()
-        t_src_proj = t_proj[-b:].float()
-        key, key_label = sample_pixels(
-            t_src_proj, _resize_label(src_label, (fh, fw)), per_class=m.num_negatives,
-            balanced=m.negative_sampling == "balanced",
-        )
+        projected = picker.split(projected)
+        query, query_label = projected["query"].float(), picker.label["query"]
+        if teacher_keys:
+            key, key_label = t_proj.float(), key_picker.label["key"]
+        else:
+            key, key_label = projected["key"].detach().float(), picker.label["key"]
         state.bank.update(key, key_label)
-        query, query_label = sample_pixels(
-            proj[b : 2 * b], _resize_label(src_label, (fh, fw)), per_class=m.num_queries
-        )
-        if adapt and m.pull_target_pixels:
-            # Confident target pixels of the mixed image (mask 0), labelled by the teacher.
-            confident = (tgt_conf >= m.pseudo_threshold) & (mask[:, 0] == 0)
-            tgt_query_label = _resize_label(torch.where(confident, tgt_label, IGNORE), (fh, fw))
-            tq, tq_label = sample_pixels(proj[-b:], tgt_query_label, per_class=m.num_queries)
-            query, query_label = torch.cat([query, tq]), torch.cat([query_label, tq_label])
         if m.negatives == "prototypes":
             key = state.bank.get()
             key_label = torch.where(state.bank.seen, torch.arange(len(key), device=device), IGNORE)
         losses["loss_pull"] = pull_loss(
             query, query_label, key, key_label, temperature=m.pull_temperature,
-            class_weight=class_weight, prototypes=state.bank.get() if m.pull_keys == "bank" else None,
-            num_queries=m.num_queries, num_negatives=m.num_negatives,
+            class_weight=class_weight, num_queries=m.num_queries, num_negatives=m.num_negatives,
+            prototypes=state.bank.get() if m.pull_keys == "bank" else None,
         )
-    if use_src_like:  # the re-weighting score: student on the target-like source batch
-        state.weighter.update(parts[1].detach(), src_label)
+    if use_src_like:  # the re-weighting score: student on the target-like source batch, at the
+        # logits' own resolution (a quarter of the pixels of the upsampled map, same IoU trend)
+        like = raw_logits[b : 2 * b].detach()
+        state.weighter.update(like, _resize_label(src_label, tuple(like.shape[-2:])))
 
     total = losses["loss_src"] + losses.get("loss_mix", 0.0)
     if "loss_pull" in losses:

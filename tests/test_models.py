@@ -83,9 +83,12 @@ def test_small_cnn_width_and_size():
 
 def test_projection_head():
     head = ProjectionHead(64)
-    out = head(torch.rand(2, 64, 8, 8))
-    assert out.shape == (2, 128, 8, 8)
-    assert ProjectionHead(32, 16)(torch.rand(1, 32, 4, 4)).shape == (1, 16, 4, 4)
+    pixels = torch.rand(10, 64, requires_grad=True)
+    out = head(pixels)
+    assert out.shape == (10, 128)
+    out.sum().backward()
+    assert pixels.grad is not None
+    assert ProjectionHead(32, 16)(torch.rand(3, 32)).shape == (3, 16)
 
 
 def test_unknown_name():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2sda.method.pull_loss import PrototypeBank, pull_loss, sample_pixels
+from t2sda.method.pull_loss import PrototypeBank, pull_loss, sample_index
 
 
 def _clusters(num_classes=4, per_class=20, dim=8, noise=0.05, seed=0):
@@ -131,16 +131,17 @@ def test_sampling_bounds_and_expectation():
     assert full - correction - 0.5 < mean < full + 0.1
 
 
-def test_sample_pixels_balanced():
-    feature = torch.randn(2, 4, 8, 8)
+def test_sample_index_balanced():
     label = torch.zeros(2, 8, 8, dtype=torch.long)
-    label[:, :2, :2] = 1  # 8 pixels of class 1 vs 120 of background
+    label[:, :2, :2] = 1  # 8 pixels of class 1 vs 104 of background
     label[:, 7] = 255
-    feats, labels = sample_pixels(feature, label, per_class=8)
-    assert feats.shape == (16, 4)
-    assert (labels == 0).sum() == 8 and (labels == 1).sum() == 8
-    _, uniform = sample_pixels(feature, label, per_class=8, balanced=False)
-    assert len(uniform) == 16 and 255 not in uniform.tolist()
+    label = label.reshape(-1)
+    index = sample_index(label, per_class=8)
+    assert len(index) == 16 and len(set(index.tolist())) == 16
+    assert (label[index] == 0).sum() == 8 and (label[index] == 1).sum() == 8
+    uniform = sample_index(label, per_class=8, balanced=False)
+    assert len(uniform) == 16 and 255 not in label[uniform].tolist()
+    assert len(sample_index(label, per_class=None)) == 112
 
 
 def test_prototype_bank_ema():

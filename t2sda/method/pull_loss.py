@@ -77,27 +77,35 @@ def pull_loss(
     return total / weight_sum
 
 
-def sample_pixels(
-    feature: torch.Tensor, label: torch.Tensor, *, per_class: int | None, balanced: bool = True,
-    ignore_index: int = 255,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick labelled pixels from a dense map: feature (B, D, h, w), label (B, h, w).
+def sample_index(label: torch.Tensor, *, per_class: int | None, balanced: bool = True,
+                 ignore_index: int = 255) -> torch.Tensor:
+    """Pick labelled pixels of a flat label map (n,): returns their positions (k,).
 
-    ``balanced``: up to ``per_class`` pixels of every class present (so frequent classes such
-    as background cannot crowd out the rest); otherwise ``per_class * classes present`` pixels
-    drawn uniformly. Returns (n, D) features and (n,) labels.
+    ``balanced``: up to ``per_class`` pixels of every class present, so frequent classes such
+    as background cannot crowd out the rest; otherwise ``per_class * classes present`` pixels
+    drawn uniformly.
     """
-    flat_feature = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
-    flat_label = label.reshape(-1)
-    valid = torch.nonzero(flat_label != ignore_index).squeeze(1)
-    if balanced:
-        classes = flat_label[valid].unique()
-        picks = [_sample(valid[flat_label[valid] == c], per_class) for c in classes.tolist()]
-        index = torch.cat(picks) if picks else valid
-    else:
-        count = None if per_class is None else per_class * len(flat_label[valid].unique())
-        index = _sample(valid, count)
-    return flat_feature[index], flat_label[index]
+    if per_class is None:
+        return torch.nonzero(label != ignore_index).squeeze(1)
+    valid_mask = label != ignore_index
+    counts = torch.bincount(label[valid_mask])
+    if not balanced:
+        valid = torch.nonzero(valid_mask).squeeze(1)
+        return _sample(valid, per_class * int((counts > 0).sum()))
+    # Thin every class to a little over ``per_class`` candidates first (keep probability
+    # (k + 4 sqrt(k) + 8) / count: short by chance about never), so the sort below stays small
+    # even when one class (background) covers most pixels.
+    keep = (per_class + 4 * per_class**0.5 + 8) / counts.clamp_min(1).float()
+    safe = torch.where(valid_mask, label, 0)
+    chosen = valid_mask & (torch.rand(label.shape, device=label.device) < keep[safe])
+    valid = torch.nonzero(chosen).squeeze(1)
+    cls = label[valid]
+    # Order candidates by class, randomly within a class; keep the first ``per_class`` each.
+    order = torch.argsort(cls * 2.0 + torch.rand(len(cls), device=label.device))
+    kept = torch.bincount(cls, minlength=len(counts))
+    starts = torch.cumsum(kept, 0) - kept
+    rank = torch.arange(len(cls), device=label.device) - starts[cls[order]]
+    return valid[order[rank < per_class]]
 
 
 class PrototypeBank:
