@@ -96,6 +96,7 @@ class MethodConfig:
     pull_warmup: int = 0  # steps over which lambda ramps in (after self_training_start)
     pull_temperature: float = 0.2
     pull_target_pixels: bool = True  # also pull confident target pixels (teacher labels)
+    pull_target_threshold: float = 0.968  # teacher confidence a target pixel needs to be pulled
     pull_keys: str = "bank"  # bank (EMA prototypes of past batches) | batch
     pull_key_net: str = "teacher"  # teacher (EMA) | student (its own x_s pass, detached: cheaper)
     proto_momentum: float = 0.99
@@ -123,6 +124,7 @@ class MethodConfig:
         _check(0 < self.fda_beta <= 0.5, "method.fda_beta", self.fda_beta, "must be in (0, 0.5]")
         _choice("method.color_space", self.color_space, ("lab", "rgb"))
         _non_negative("method.pull_weight", self.pull_weight)
+        _unit("method.pull_target_threshold", self.pull_target_threshold)
         _non_negative("method.pull_warmup", self.pull_warmup)
         _positive("method.pull_temperature", self.pull_temperature)
         _choice("method.pull_keys", self.pull_keys, ("bank", "batch"))

@@ -148,7 +148,7 @@ def train_step(
     if pulling:
         query_label = [ignore_all, src_label]
         if adapt:
-            confident = (tgt_conf >= m.pseudo_threshold) & (mask[:, 0] == 0)
+            confident = (tgt_conf >= m.pull_target_threshold) & (mask[:, 0] == 0)
             use = confident if m.pull_target_pixels else torch.zeros_like(confident)
             query_label.append(torch.where(use, tgt_label, IGNORE))
         groups = {"query": (query_label, m.num_queries, True)}

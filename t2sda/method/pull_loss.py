@@ -45,36 +45,54 @@ def pull_loss(
     and shared by its queries, so memory is O(C * num_negatives * D + N * num_negatives), never
     O(N * M). Returns a zero that keeps the graph when no class qualifies.
     """
+    device = query.device
     query = F.normalize(query, dim=1)
     key = F.normalize(key.detach().to(query.dtype), dim=1)
     valid_key = key_label != ignore_index
-    if prototypes is not None:
-        prototypes = prototypes.detach().to(query.dtype)
-        has_proto = torch.isfinite(prototypes).all(dim=1) & (prototypes.abs().sum(dim=1) > 0)
-    total = query.new_zeros(())
-    weight_sum = query.new_zeros(())
-    counted = 0
-    classes = query_label.unique()
-    for c in classes[classes != ignore_index].tolist():
-        if prototypes is not None and c < len(prototypes) and has_proto[c]:
-            positive = F.normalize(prototypes[c], dim=0)
-        else:
-            own = valid_key & (key_label == c)
-            if not own.any():
-                continue
-            positive = F.normalize(key[own].mean(dim=0), dim=0)
-        q = query[_sample(torch.nonzero(query_label == c).squeeze(1), num_queries)]  # (n, D)
-        negatives = key[_sample(torch.nonzero(valid_key & (key_label != c)).squeeze(1),
-                                num_negatives)]  # (K, D)
-        logits = torch.cat([(q @ positive)[:, None], q @ negatives.T], dim=1) / temperature
-        loss_c = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
-        w = class_weight[c].to(query.dtype) if class_weight is not None else query.new_ones(())
-        total = total + w * loss_c
-        weight_sum = weight_sum + w
-        counted += 1
-    if counted == 0:
+    labels = torch.cat([query_label, key_label])
+    num_classes = 1 + max(int(labels.masked_fill(labels == ignore_index, -1).max()),
+                          len(prototypes) - 1 if prototypes is not None else -1)
+    if num_classes == 0:
         return query.sum() * 0.0
-    return total / weight_sum
+    # Positives (C, D): the class's prototype if given, else the mean of its keys.
+    key_sum = torch.zeros(num_classes, key.shape[1], device=device, dtype=key.dtype)
+    key_sum.index_add_(0, key_label[valid_key], key[valid_key])
+    has_positive = key_sum.abs().sum(dim=1) > 0
+    positive = F.normalize(key_sum, dim=1)
+    if prototypes is not None:
+        proto = prototypes.detach().to(query.dtype)
+        has_proto = torch.isfinite(proto).all(dim=1) & (proto.abs().sum(dim=1) > 0)
+        has_proto = F.pad(has_proto, (0, num_classes - len(proto)))
+        proto = F.pad(F.normalize(proto.nan_to_num(0.0), dim=1), (0, 0, 0, num_classes - len(proto)))
+        positive = torch.where(has_proto[:, None], proto, positive)
+        has_positive |= has_proto
+    # Queries of qualifying classes, at most ``num_queries`` per class, grouped by class.
+    usable = (query_label != ignore_index) & has_positive[query_label.clamp(0, num_classes - 1)]
+    picked = sample_index(torch.where(usable, query_label, ignore_index), per_class=num_queries,
+                          ignore_index=ignore_index)
+    if len(picked) == 0:
+        return query.sum() * 0.0
+    q, q_label = query[picked], query_label[picked]
+    classes, slot, counts = torch.unique(q_label, return_inverse=True, return_counts=True)
+    # Negatives per class (K classes, n_neg): random order, other classes' keys only.
+    is_negative = valid_key[None, :] & (key_label[None, :] != classes[:, None])  # (K, M)
+    n_neg = key.shape[0] if num_negatives is None else min(num_negatives, key.shape[0])
+    scores = torch.rand(is_negative.shape, device=device).masked_fill(~is_negative, -1.0)
+    top, neg_index = scores.topk(n_neg, dim=1)  # (K, n_neg)
+    neg_ok = top >= 0
+    # Queries padded per class -> one batched matmul against their class's negatives.
+    rank = torch.arange(len(q), device=device) - (torch.cumsum(counts, 0) - counts)[slot]
+    padded = q.new_zeros(len(classes), int(counts.max()), q.shape[1])
+    padded = padded.index_put((slot, rank), q)
+    neg_logits = torch.bmm(padded, key[neg_index].transpose(1, 2))[slot, rank]  # (n, n_neg)
+    neg_logits = neg_logits.masked_fill(~neg_ok[slot], float("-inf"))
+    pos_logits = (q * positive[q_label]).sum(dim=1, keepdim=True)
+    logits = torch.cat([pos_logits, neg_logits], dim=1) / temperature
+    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    per_class = torch.zeros(len(classes), device=device, dtype=q.dtype).index_add(0, slot, per_query)
+    per_class = per_class / counts
+    w = class_weight[classes].to(q.dtype) if class_weight is not None else torch.ones_like(per_class)
+    return (w * per_class).sum() / w.sum().clamp_min(1e-12)
 
 
 def sample_index(label: torch.Tensor, *, per_class: int | None, balanced: bool = True,
