@@ -70,7 +70,8 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
     from t2sda.step import train_step
 
     torch.set_num_threads(1)
-    settings = {"without": ["method.pull_weight=0", "method.weight_mode=uniform"], "with": []}
+    settings = {"without": ["method.pull_weight=0", "method.weight_mode=uniform"], "with": [],
+                "with_student_keys": ["method.pull_key_net=student"]}
     runs = {}
     for name, overrides in settings.items():
         cfg = get_preset(preset).with_overrides(
@@ -92,6 +93,7 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
                     times.append(time.perf_counter() - tic)
     out = {name: 1000 * statistics.median(times) for name, (_, _, times) in runs.items()}
     out["overhead_pct"] = 100 * (out["with"] / out["without"] - 1)
+    out["overhead_student_keys_pct"] = 100 * (out["with_student_keys"] / out["without"] - 1)
     return out
 
 
@@ -136,7 +138,9 @@ def main() -> int:
     if timing:
         text += (f"\n\nStep time (1 thread, adaptation phase, median of {args.timing_steps}): "
                  f"{timing['without']:.0f} ms without pull loss + re-weighting, "
-                 f"{timing['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %).")
+                 f"{timing['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %), "
+                 f"{timing['with_student_keys']:.0f} ms with keys from the student's own source "
+                 f"pass (`method.pull_key_net=student`, +{timing['overhead_student_keys_pct']:.1f} %).")
     print(text)
     payload = {"preset": args.preset, "seeds": args.seeds, "overrides": args.set,
                "runs": results, "summary": summary, "step_time_ms": timing}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from t2sda import dist
 from t2sda.checkpoint import CheckpointError, latest
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
@@ -79,6 +80,11 @@ def _train(args) -> int:
         raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:0 ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dist.init_from_env(device.type) and device.type == "cuda":  # under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_main():  # one voice on the terminal under torchrun
+        log.setLevel(logging.WARNING)
     log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
     try:
         metrics = train(cfg, device=device, run_dir=run_dir, resume=resume, report=_print_report)

@@ -39,3 +39,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1).
+
+    NCCL for CUDA, gloo for CPU. Returns whether this process is now part of a group.
+    """
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return True

@@ -20,7 +20,7 @@ from t2sda.config import Config
 from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
 from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
-from t2sda.state import TrainState, build_state
+from t2sda.state import TrainState, build_state, uses_pull
 from t2sda.step import train_step
 from t2sda.tb import NullLogger, TBLogger, colorize
 
@@ -29,11 +29,15 @@ from t2sda.tb import NullLogger, TBLogger, colorize
 Report = Callable[[dict, "str | None"], None]
 
 
-def _wrap_ddp(device: torch.device):
+def _wrap_ddp(device: torch.device, cfg: Config):
     if not dist.is_distributed():
         return None
     ids = [device.index] if device.type == "cuda" else None
-    return lambda net: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    # The projection head sits idle during the source-only warm-up and the pull's ramp:
+    # DDP must be told that some parameters may get no gradient in a step.
+    unused = uses_pull(cfg)
+    return lambda net: torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=ids, find_unused_parameters=unused)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -105,7 +109,7 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
         torch.backends.cudnn.benchmark = True
     payload = checkpoint.load(resume) if resume is not None else None  # fail before any write
     data = build_datasets(cfg.data, seed=cfg.seed)
-    state = build_state(cfg, num_classes=data.num_classes, device=device, wrap=_wrap_ddp(device))
+    state = build_state(cfg, num_classes=data.num_classes, device=device, wrap=_wrap_ddp(device, cfg))
     if payload is not None:
         try:
             state.load_state_dict(payload["state"])

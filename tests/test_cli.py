@@ -87,3 +87,19 @@ def test_only_ray_glue_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    """The DDP path without Ray: two CPU processes, rank 0 writes the run dir once."""
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "t2sda", "train", "--run-dir", str(run),
+         "--set", *TINY, "train.threads=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert proc.stdout.count("done: val/mIoU") == 1

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 def class_mix_mask(label: torch.Tensor, *, ignore_index: int = 255) -> torch.Tensor:
     """(B, H, W) labels -> (B, 1, H, W) float mask of a random half of each image's classes.
 
-    Ignore pixels never choose a class; they follow the background of the image (mask 0)
-    unless their class is chosen, which cannot happen, so they take the target pixel.
+    Half is rounded up, so an image with one class pastes it. Ignore pixels are never
+    chosen: the mixed image shows the target there.
     """
     masks = []
     for image_label in label:
         classes = image_label.unique()
         classes = classes[classes != ignore_index]
-        chosen = classes[torch.randperm(len(classes), device=label.device)[: (len(classes) + 1) // 2]]
+        order = torch.randperm(len(classes), device=label.device)
+        chosen = classes[order[: (len(classes) + 1) // 2]]
         masks.append(torch.isin(image_label, chosen))
     return torch.stack(masks)[:, None].float()
 

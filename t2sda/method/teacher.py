@@ -21,7 +21,7 @@ class EMATeacher(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> EMATeacher:  # noqa: ARG002 - always eval
+    def train(self, mode: bool = True) -> EMATeacher:  # the teacher never leaves eval mode
         super().train(False)
         return self
 
