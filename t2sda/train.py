@@ -118,23 +118,32 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
             raise checkpoint.CheckpointError(
                 f"checkpoint {resume}: does not fit this config ({first})") from None
     start = state.step
-    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     logger = NullLogger()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
         logger = TBLogger(run_dir, purge_step=start if start else None)
 
-    b = cfg.data.batch_size
-    streams = [batch_stream(dataset, batch_size=b, seed=cfg.seed * 2 + i, rank=rank,
+    streams = [batch_stream(dataset, batch_size=cfg.data.batch_size, seed=cfg.seed * 2 + i, rank=rank,
                             world_size=world, start_step=start, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
                for i, dataset in enumerate((data.source, data.target))]
+    metrics: dict = dict(payload["metrics"]) if payload is not None else {}
+    state.student.train()
+    try:
+        _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics)
+    finally:
+        logger.close()
+    return metrics
+
+
+def _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics) -> None:
+    """Steps until ``cfg.train.iters``; updates ``metrics`` in place at each evaluation."""
+    rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
+    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
     window, window_time, window_steps = defaultdict(float), 0.0, 0
-    metrics: dict = {}
-    state.student.train()
     while state.step < cfg.train.iters:
         tic = time.perf_counter()
         (src_img, src_label), (tgt_img, _) = (next(s) for s in streams)
@@ -164,15 +173,18 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
         evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.iters
         save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.iters
         if evaluate_now:
-            metrics = {"step": step, **_validate(state, data, cfg, device)}
+            metrics.clear()
+            metrics.update(step=step, **_validate(state, data, cfg, device))
             if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):
                 raise RuntimeError(f"step {step}: validation mIoU is not finite")
             if main:
                 logger.scalars({k: v for k, v in metrics.items() if k != "step"}, step)
                 if cfg.train.images_every == 0:
                     _log_images(logger, state, data, cfg, device, step)
+                # Classes absent from both truth and prediction have no IoU: null, not NaN.
+                row = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(json.dumps(row) + "\n")
                 logger.flush()
         if main and cfg.train.images_every and step % cfg.train.images_every == 0:
             _log_images(logger, state, data, cfg, device, step)
@@ -184,8 +196,6 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
             checkpoint.prune(ckpt_root, keep=cfg.train.keep_checkpoints)
         if report is not None and (evaluate_now or save_now):
             report(dict(metrics), str(ckpt_dir) if ckpt_dir else None)
-    logger.close()
-    return metrics
 
 
 if __name__ == "__main__":  # python -m t2sda.train ... == python -m t2sda train ...

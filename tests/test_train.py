@@ -107,3 +107,14 @@ def test_infinite_sampler_resumes_and_shards():
     ranks = [InfiniteSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
     shards = [[i for _, i in zip(range(5), s)] for s in ranks]
     assert sorted(shards[0] + shards[1]) == list(range(10))
+
+
+def test_resuming_a_finished_run_returns_its_metrics(tiny_cfg, tmp_path):
+    done = train(tiny_cfg, device="cpu", run_dir=tmp_path)
+    last = checkpoint.latest(tmp_path / "checkpoints")
+    again = train(tiny_cfg, device="cpu", run_dir=tmp_path, resume=last)
+    assert again["step"] == 6 and again["val/mIoU"] == pytest.approx(done["val/mIoU"])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    # metrics.jsonl is strict JSON: classes without an IoU are null, never NaN.
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
