@@ -87,25 +87,32 @@ def test_ignore_pixels_contribute_nothing():
     assert with_junk.item() == pytest.approx(base.item(), rel=1e-6)
 
 
-def test_prototypes_replace_key_means_and_cover_missing_classes():
+def test_prototypes_replace_key_means_for_classes_with_keys():
     key, key_label, centres = _clusters()
     query, query_label, _ = _clusters(seed=4, noise=0.2)
-    only_some = key_label < 2  # keys of classes 2, 3 missing from the batch
-    without = pull_loss(query, query_label, key[only_some], key_label[only_some], temperature=0.2)
+    only_some = key_label < 3  # class 3 has queries but no keys: it does not count
     protos = torch.zeros(4, 8)
-    protos[:3] = centres[:3]
-    with_bank = pull_loss(query, query_label, key[only_some], key_label[only_some],
-                          temperature=0.2, prototypes=protos)
-    # Class 2 now has a positive from the bank, class 3 (zero row) still does not.
-    ref = {}
+    protos[:2] = centres[:2]  # class 2 has keys but no prototype: its key mean is the positive
+    protos[3] = centres[3]
+    got = pull_loss(query, query_label, key[only_some], key_label[only_some], temperature=0.2,
+                    prototypes=protos)
     q = F.normalize(query, dim=1)
     k = F.normalize(key[only_some], dim=1)
+    k_label = key_label[only_some]
+    ref = []
     for c in (0, 1, 2):
-        logits = torch.cat([(q[query_label == c] @ centres[c])[:, None],
-                            q[query_label == c] @ k[key_label[only_some] != c].T], 1) / 0.2
-        ref[c] = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
-    assert with_bank.item() == pytest.approx(torch.stack(list(ref.values())).mean().item(), rel=1e-5)
-    assert without.item() != pytest.approx(with_bank.item())
+        pos = centres[c] if c < 2 else F.normalize(k[k_label == 2].mean(0), dim=0)
+        logits = torch.cat([(q[query_label == c] @ pos)[:, None],
+                            q[query_label == c] @ k[k_label != c].T], 1) / 0.2
+        ref.append((torch.logsumexp(logits, 1) - logits[:, 0]).mean())
+    assert got.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+    # Prototypes as keys (negatives=prototypes in the step) cover classes missing from a batch.
+    as_keys = pull_loss(query, query_label, centres, torch.arange(4), temperature=0.2,
+                        prototypes=centres)
+    logits = q @ centres.T / 0.2  # softmax over the 4 prototypes, the own class as target
+    per_query = torch.logsumexp(logits, 1) - logits.gather(1, query_label[:, None]).squeeze(1)
+    expected = torch.stack([per_query[query_label == c].mean() for c in range(4)]).mean()
+    assert as_keys.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_no_qualifying_class_gives_graph_connected_zero():

@@ -36,11 +36,12 @@ def pull_loss(
     query (N, D) with grad, query_label (N,); key (M, D) (detached here), key_label (M,);
     prototypes (C, D) optional: the positive of class c is ``prototypes[c]`` when given (rows
     that are all zero or not finite count as missing), else the normalised mean of the keys of
-    class c. Queries and keys are L2-normalised here.
+    class c. Queries and keys are L2-normalised here. Classes count when they have both
+    queries and keys.
 
     Per query: -log(e^{q.p/t} / (e^{q.p/t} + sum_neg e^{q.k/t})); class loss = mean over its
-    queries (``num_queries`` sampled when given); result = sum_c w_c L_c / sum_c w_c over the
-    classes that have queries and a positive (w = 1 without ``class_weight`` (C,)). With
+    queries (``num_queries`` sampled when given); result = sum_c w_c L_c / sum_c w_c over those
+    classes (w = 1 without ``class_weight`` (C,)). With
     ``num_negatives`` the negatives are sampled from the other classes' keys, once per class
     and shared by its queries, so memory is O(C * num_negatives * D + N * num_negatives), never
     O(N * M). Returns a zero that keeps the graph when no class qualifies.
@@ -54,10 +55,12 @@ def pull_loss(
                           len(prototypes) - 1 if prototypes is not None else -1)
     if num_classes == 0:
         return query.sum() * 0.0
-    # Positives (C, D): the class's prototype if given, else the mean of its keys.
+    # Positives (C, D): the class's prototype if given, else the mean of its keys. Only classes
+    # with keys in this call take part (to cover classes missing from a batch, pass the bank's
+    # prototypes as the keys: ``negatives=prototypes``).
     key_sum = torch.zeros(num_classes, key.shape[1], device=device, dtype=key.dtype)
     key_sum.index_add_(0, key_label[valid_key], key[valid_key])
-    has_positive = key_sum.abs().sum(dim=1) > 0
+    has_positive = torch.bincount(key_label[valid_key], minlength=num_classes) > 0
     positive = F.normalize(key_sum, dim=1)
     if prototypes is not None:
         proto = prototypes.detach().to(query.dtype)
@@ -65,7 +68,6 @@ def pull_loss(
         has_proto = F.pad(has_proto, (0, num_classes - len(proto)))
         proto = F.pad(F.normalize(proto.nan_to_num(0.0), dim=1), (0, 0, 0, num_classes - len(proto)))
         positive = torch.where(has_proto[:, None], proto, positive)
-        has_positive |= has_proto
     # Queries of qualifying classes, at most ``num_queries`` per class, grouped by class.
     usable = (query_label != ignore_index) & has_positive[query_label.clamp(0, num_classes - 1)]
     picked = sample_index(torch.where(usable, query_label, ignore_index), per_class=num_queries,
