@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench_adaptation.py                      # digits, seeds 0 1 2
     .venv/bin/python scripts/bench_adaptation.py --preset digits_hard --seeds 0
     .venv/bin/python scripts/bench_adaptation.py --variants mean_teacher t2sda --set train.iters=600
+    .venv/bin/python scripts/bench_adaptation.py --timing-only --timing-steps 10 \
+        --set model.name=deeplabv2_r101 data.batch_size=2 data.image_size=128
 
 Each (variant, seed) is one ``python -m t2sda train`` run in its own process (one CPU thread
 each, ``--jobs`` at a time). Final target mIoU (student, and the teacher beside it) is read
@@ -127,7 +129,14 @@ def main() -> int:
     parser.add_argument("--out", default="results/bench_adaptation")
     parser.add_argument("--timing-steps", type=int, default=40,
                         help="steps timed per setting for the pull-loss overhead (0 = skip)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the step-time comparison (e.g. for another --set model.name)")
     args = parser.parse_args()
+    if args.timing_only:
+        timing = step_time(args.preset, args.set, args.timing_steps)
+        print(json.dumps({"preset": args.preset, "overrides": args.set, "step_time_ms": timing},
+                         indent=2))
+        return 0
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(v, s) for v in args.variants for s in args.seeds]
