@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from t2sda.config import Config
+from t2sda.config import Config, ConfigError
 from t2sda.dist import unwrap
 from t2sda.method.class_weights import ClassWeighter
 from t2sda.method.pull_loss import PrototypeBank
@@ -84,7 +84,14 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
     teacher has been copied from the unwrapped student, so all ranks start identical.
     """
     torch.manual_seed(cfg.seed)
-    segmentor = build_model(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    try:
+        segmentor = build_model(cfg.model.name, num_classes=num_classes,
+                                pretrained=cfg.model.pretrained)
+    except Exception as err:  # a missing or mismatched file, or no way to reach timm's hub
+        if not cfg.model.pretrained:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {first}") from None
     proj = ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim) if uses_pull(cfg) else None
     network = Network(segmentor, proj).to(device)
     if device.type == "cuda":

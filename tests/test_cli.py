@@ -103,3 +103,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert steps == [3, 6]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
     assert proc.stdout.count("done: val/mIoU") == 1
+
+
+def test_missing_pretrained_checkpoint_is_one_line(tmp_path):
+    missing = tmp_path / "nope.pth"
+    _one_line_error(_cli("train", "--run-dir", str(tmp_path / "run"), "--set",
+                         f"model.pretrained={missing}"),
+                    f"model.pretrained='{missing}'", "not found")
