@@ -50,12 +50,14 @@ def _resolve_run(args, cfg_name: str) -> tuple[Path, Path | None]:
         resume = Path(args.resume)
     else:
         resume = None
-        if existing is not None or (run_dir / "metrics.jsonl").exists():
+        # Under torchrun only rank 0 judges: the others could already see its fresh files.
+        first_rank = os.environ.get("RANK", "0") == "0"
+        if first_rank and (existing is not None or (run_dir / "metrics.jsonl").exists()):
             raise UsageError(f"run dir {run_dir} already holds a run; pass --resume to continue "
                              "it or choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as err:
@@ -86,11 +88,15 @@ def _train(args) -> int:
     if not dist.is_main():  # one voice on the terminal under torchrun
         log.setLevel(logging.WARNING)
     log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
+    finished = False
     try:
         metrics = train(cfg, device=device, run_dir=run_dir, resume=resume, report=_print_report)
+        finished = True
     except NonFiniteLossError as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        dist.shutdown(wait=finished)
     log.info("done: val/mIoU %.2f (teacher %.2f) at step %d; %s", metrics["val/mIoU"],
              metrics["val/mIoU_teacher"], metrics["step"], run_dir)
     return 0

@@ -52,3 +52,14 @@ def init_from_env(device_type: str) -> bool:
         return is_distributed()
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return True
+
+
+def shutdown(*, wait: bool) -> None:
+    """Leave the process group cleanly (``wait``: first let every rank finish its work).
+
+    Exiting with gloo's threads still alive can abort the process at interpreter shutdown.
+    """
+    if is_distributed():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
