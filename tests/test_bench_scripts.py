@@ -1,0 +1,30 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adaptation_table_summarises_per_variant():
+    bench = _load("bench_adaptation")
+    runs = [{"variant": v, "seed": s, "mIoU": m, "mIoU_teacher": m - 1, "step": 10, "wall_s": 5.0}
+            for v, s, m in [("mean_teacher", 0, 40.0), ("mean_teacher", 1, 44.0),
+                            ("t2sda", 0, 50.0), ("t2sda", 1, 50.0)]]
+    text, summary = bench.table(runs, [0, 1])
+    assert summary["mean_teacher"]["mean"] == 42.0
+    assert summary["mean_teacher"]["std"] == pytest.approx(2 ** 0.5 * 2)
+    assert summary["t2sda"] == {"mean": 50.0, "std": 0.0, "teacher_mean": 49.0, "wall_s": 5.0}
+    assert "| mean teacher (DAFormer-style) | 40.0 | 44.0 | **42.0 ± 2.8** | 41.0 | 5 |" in text
+    # Every variant is a valid set of overrides of the preset.
+    from t2sda.presets import get_preset
+
+    for _, overrides in bench.VARIANTS.values():
+        get_preset("digits").with_overrides(overrides)
