@@ -74,14 +74,15 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
     torch.set_num_threads(1)
     settings = {"without": ["method.pull_weight=0", "method.weight_mode=uniform"], "with": [],
                 "with_student_keys": ["method.pull_key_net=student"]}
+    base = get_preset(preset).with_overrides(
+        [*extra, "method.self_training_start=0", "method.pull_warmup=0"])
+    data = build_datasets(base.data, seed=0)  # the overrides below change the method only
     runs = {}
     for name, overrides in settings.items():
-        cfg = get_preset(preset).with_overrides(
-            [*extra, *overrides, "method.self_training_start=0", "method.pull_warmup=0"])
-        data = build_datasets(cfg.data, seed=0)
+        cfg = base.with_overrides(overrides)
         state = build_state(cfg, num_classes=data.num_classes, device=torch.device("cpu"))
         runs[name] = (cfg, state, [])
-    streams = [batch_stream(d, batch_size=cfg.data.batch_size, seed=i)
+    streams = [batch_stream(d, batch_size=base.data.batch_size, seed=i)
                for i, d in enumerate((data.source, data.target))]
     batches = [(next(streams[0]), next(streams[1])) for _ in range(steps + 5)]
     for start in range(0, len(batches), 5):
@@ -99,7 +100,7 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
     return out
 
 
-def table(results: list[dict], seeds: list[int]) -> str:
+def table(results: list[dict], seeds: list[int]) -> tuple[str, dict]:
     lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean ± std | teacher mean | wall s / run |",
              "|---" * (len(seeds) + 4) + "|"]

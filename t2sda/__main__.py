@@ -50,14 +50,12 @@ def _resolve_run(args, cfg_name: str) -> tuple[Path, Path | None]:
         resume = Path(args.resume)
     else:
         resume = None
-        # Under torchrun only rank 0 judges: the others could already see its fresh files.
-        first_rank = os.environ.get("RANK", "0") == "0"
-        if first_rank and (existing is not None or (run_dir / "metrics.jsonl").exists()):
+        if existing is not None or (run_dir / "metrics.jsonl").exists():
             raise UsageError(f"run dir {run_dir} already holds a run; pass --resume to continue "
                              "it or choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        probe = run_dir / ".write-test"
         probe.touch()
         probe.unlink()
     except OSError as err:
@@ -73,8 +71,6 @@ def _train(args) -> int:
 
     cfg = Config.load(args.config) if args.config else get_preset(args.preset)
     cfg = cfg.with_overrides(args.set)
-    name = Path(args.config).stem if args.config else args.preset
-    run_dir, resume = _resolve_run(args, name)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -87,6 +83,10 @@ def _train(args) -> int:
         torch.cuda.set_device(device)
     if not dist.is_main():  # one voice on the terminal under torchrun
         log.setLevel(logging.WARNING)
+    # Rank 0 alone judges and names the run dir (the others would see its fresh files, and a
+    # default name from the clock could differ); every rank then uses its answer.
+    name = Path(args.config).stem if args.config else args.preset
+    run_dir, resume = dist.broadcast_object(_resolve_run(args, name) if dist.is_main() else None)
     log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
     finished = False
     try:

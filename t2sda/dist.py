@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -29,11 +31,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects; identity without a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,8 +50,6 @@ def init_from_env(device_type: str) -> bool:
 
     NCCL for CUDA, gloo for CPU. Returns whether this process is now part of a group.
     """
-    import os
-
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")

@@ -41,10 +41,10 @@ def _resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class _Picker:
     """Chooses the pixels to project once the network knows its feature size (h, w).
 
-    Each named group gives per-part label maps (B, H, W) matching the parts of the batch, with
-    255 on pixels it must not pick, and a per-class count. The call returns the groups'
-    positions concatenated; ``split(projected)`` cuts the projection back into groups and
-    ``label[name]`` holds each group's labels.
+    Each named group gives label maps (B, H, W) for the leading parts of the batch (later
+    parts are never picked), 255 on pixels it must not pick, and a per-class count. The call
+    returns the groups' positions concatenated; ``split(projected)`` cuts the projection back
+    into groups and ``label[name]`` holds each group's labels.
     """
 
     def __init__(self, **groups: tuple[list[torch.Tensor], int, bool]):
@@ -104,22 +104,17 @@ def train_step(
         src_like = strong_augment(src_img)
     use_src_like = m.src_ce_on_translated or pulling
 
-    # 2. Teacher (no grad): pseudo labels on x_t and, by default, the pull's keys on x_s.
+    # 2. Teacher (no grad): by default the pull's keys on x_s, and pseudo labels on x_t.
     teacher_keys = pulling and m.pull_key_net == "teacher"
-    teacher_in = [tgt_img] if adapt else []
-    teacher_in += [src_img] if teacher_keys else []
-    ignore_all = torch.full_like(src_label, IGNORE)
-    keys_balanced = m.negative_sampling == "balanced"
-    key_picker = None
-    if teacher_keys:
-        key_picker = _Picker(key=([ignore_all] * adapt + [src_label], m.num_negatives,
-                                  keys_balanced))
+    teacher_in = ([src_img] if teacher_keys else []) + ([tgt_img] if adapt else [])
+    key_group = ([src_label], m.num_negatives, m.negative_sampling == "balanced")
+    key_picker = _Picker(key=key_group) if teacher_keys else None
     tgt_label = tgt_weight = tgt_conf = None
     if teacher_in:
         with torch.no_grad(), _autocast(device, cfg.train.amp):
             t_logits, t_proj = state.teacher(torch.cat(teacher_in), key_picker)
         if adapt:
-            t_up = F.interpolate(t_logits[:b].float(), size=(h, w), mode="bilinear",
+            t_up = F.interpolate(t_logits[-b:].float(), size=(h, w), mode="bilinear",
                                  align_corners=False)
             tgt_label, tgt_weight, tgt_conf = pseudo_label(
                 t_up, threshold=m.pseudo_threshold, weight_mode=m.pseudo_weight,
@@ -146,15 +141,13 @@ def train_step(
     student_in = [src_img] + ([query_img] if use_src_like else []) + ([mix_img] if adapt else [])
     picker = None
     if pulling:
-        query_label = [ignore_all, src_label]
-        if adapt:
+        query_label = [torch.full_like(src_label, IGNORE), src_label]
+        if adapt and m.pull_target_pixels:
             confident = (tgt_conf >= m.pull_target_threshold) & (mask[:, 0] == 0)
-            use = confident if m.pull_target_pixels else torch.zeros_like(confident)
-            query_label.append(torch.where(use, tgt_label, IGNORE))
+            query_label.append(torch.where(confident, tgt_label, IGNORE))
         groups = {"query": (query_label, m.num_queries, True)}
         if not teacher_keys:  # keys from the student's own x_s pass, detached below
-            groups["key"] = ([src_label] + [ignore_all] * (len(student_in) - 1),
-                             m.num_negatives, keys_balanced)
+            groups["key"] = key_group
         picker = _Picker(**groups)
     with _autocast(device, cfg.train.amp):
         raw_logits, projected = state.student(torch.cat(student_in), picker)

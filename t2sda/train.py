@@ -129,17 +129,17 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
                             world_size=world, start_step=start, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
                for i, dataset in enumerate((data.source, data.target))]
-    metrics: dict = dict(payload["metrics"]) if payload is not None else {}
     state.student.train()
     try:
-        _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics)
+        # A resumed run that is already complete returns the metrics its checkpoint holds.
+        return _loop(state, streams, data, cfg, device, run_dir, logger, report,
+                     metrics=dict(payload["metrics"]) if payload is not None else {})
     finally:
         logger.close()
-    return metrics
 
 
-def _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics) -> None:
-    """Steps until ``cfg.train.iters``; updates ``metrics`` in place at each evaluation."""
+def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics: dict) -> dict:
+    """Steps until ``cfg.train.iters``; returns the last evaluation's metrics."""
     rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
     ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
@@ -173,8 +173,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics) -
         evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.iters
         save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.iters
         if evaluate_now:
-            metrics.clear()
-            metrics.update(step=step, **_validate(state, data, cfg, device))
+            metrics = {"step": step, **_validate(state, data, cfg, device)}
             if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):
                 raise RuntimeError(f"step {step}: validation mIoU is not finite")
             if main:
@@ -196,6 +195,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, metrics) -
             checkpoint.prune(ckpt_root, keep=cfg.train.keep_checkpoints)
         if report is not None and (evaluate_now or save_now):
             report(dict(metrics), str(ckpt_dir) if ckpt_dir else None)
+    return metrics
 
 
 if __name__ == "__main__":  # python -m t2sda.train ... == python -m t2sda train ...
