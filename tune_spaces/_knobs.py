@@ -1,0 +1,49 @@
+"""Groups of ``trial.suggest_*`` calls that several spaces share, so a knob has one range.
+
+Ranges are sized for the ``digits`` preset: 1200 steps, adaptation from step 600, so every
+warm-up below stays within the 600 adaptation steps and still leaves some after it. Names are
+dotted config keys, so a sampled dict is ``Config.with_overrides``-ready.
+"""
+
+from __future__ import annotations
+
+# Momenta on a grid even in log(1 - m): a log-uniform float over m itself is nearly uniform,
+# and a parameter named after the config key has to hold m, not 1 - m.
+TEACHER_MOMENTA = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999)
+WEIGHT_MOMENTA = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+PROTO_MOMENTA = (0.9, 0.95, 0.99, 0.995, 0.999)
+WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "step")
+MAX_WARMUP = 500  # steps; adaptation lasts 600 on digits, so a step schedule still switches
+
+
+def pull(trial) -> None:
+    """Temperature tau and weight lambda of the pull loss, both spanning 1.5-2 decades."""
+    trial.suggest_float("method.pull_temperature", 0.03, 1.0, log=True)
+    trial.suggest_float("method.pull_weight", 0.01, 1.0, log=True)
+
+
+def schedule(trial) -> None:
+    """How uniform weights blend into dynamic ones; constant has no warm-up to choose."""
+    name = trial.suggest_categorical("method.weight_schedule", WEIGHT_SCHEDULES)
+    if name != "constant":
+        trial.suggest_int("method.weight_warmup", 50, MAX_WARMUP, step=50)
+
+
+def gamma(trial) -> None:
+    """Focus exponent of w_c = (1 - a_c)^gamma; 1 is the default, so the range centres on it."""
+    trial.suggest_float("method.weight_gamma", 0.25, 4.0, log=True)
+
+
+def weights(trial) -> None:
+    """The whole re-weighting: its score, then (unless uniform) exponent, EMA and schedule."""
+    mode = trial.suggest_categorical("method.weight_mode", ("iou", "confidence", "uniform"))
+    if mode == "uniform":  # uniform ignores every other weighting knob
+        return
+    gamma(trial)
+    trial.suggest_categorical("method.weight_momentum", WEIGHT_MOMENTA)
+    schedule(trial)
+
+
+def teacher(trial) -> None:
+    """Mean-teacher momentum, the issue's 0.99-0.9999."""
+    trial.suggest_categorical("method.ema_momentum", TEACHER_MOMENTA)

@@ -1,0 +1,25 @@
+"""Everything at once: pull loss, weighting, teacher, lr, pseudo labels, translation, sampling."""
+
+from __future__ import annotations
+
+from tune_spaces import _knobs
+
+DESCRIPTION = "all of the method: pull loss, weighting, teacher EMA, lr, pseudo labels, translation, sampling"
+METRIC = "val/mIoU"
+MODE = "max"
+NUM_SAMPLES = 12
+GRACE_PERIOD = 400
+REDUCTION_FACTOR = 2
+
+
+def define(trial) -> None:
+    """lr around the preset's 1e-3; FDA beta small, as small images want (METHOD.md)."""
+    _knobs.pull(trial)
+    _knobs.weights(trial)
+    _knobs.teacher(trial)
+    trial.suggest_float("optim.lr", 2e-4, 5e-3, log=True)
+    trial.suggest_float("method.pseudo_threshold", 0.8, 0.99)
+    if trial.suggest_categorical("method.translate", ("fda", "color", "none")) == "fda":
+        trial.suggest_float("method.fda_beta", 0.01, 0.2, log=True)
+    trial.suggest_int("method.num_queries", 32, 256, log=True)
+    trial.suggest_int("method.num_negatives", 32, 256, log=True)

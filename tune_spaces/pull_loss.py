@@ -1,0 +1,20 @@
+"""The pull loss: tau, lambda, the weighting schedule with gamma and warm-up, EMA momentum."""
+
+from __future__ import annotations
+
+from tune_spaces import _knobs
+
+DESCRIPTION = "pull loss: temperature, weight, weighting schedule (gamma, warm-up), teacher EMA"
+METRIC = "val/mIoU"
+MODE = "max"
+NUM_SAMPLES = 8
+GRACE_PERIOD = 400
+REDUCTION_FACTOR = 2
+
+
+def define(trial) -> None:
+    """Weight mode stays the preset's (iou), so gamma always acts and is always sampled."""
+    _knobs.pull(trial)
+    _knobs.schedule(trial)
+    _knobs.gamma(trial)
+    _knobs.teacher(trial)
