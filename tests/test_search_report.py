@@ -1,0 +1,171 @@
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from t2sda.config import Config
+from t2sda.presets import get_preset
+from t2sda.ray_glue import report
+from t2sda.ray_glue.report import TrialRow, format_importances, importances, write_results
+
+METRIC = "val/mIoU"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(trial_id, status, value, steps, **params):
+    params = {k.replace("__", "."): v for k, v in params.items()}
+    config = get_preset("digits").with_overrides(params).to_dict()
+    error = f"RuntimeError: step {steps}: loss is NaN" if status == "ERROR" else None
+    return TrialRow(trial_id, status, params, value, steps, config, error)
+
+
+@pytest.fixture
+def rows():
+    """Three ranked trials (one ASHA-stopped), two errored (one after a high score), a pending
+    one and one whose value went NaN."""
+    return [
+        _row("t1", "TERMINATED", 60.0, 1200, method__pull_temperature=0.03,
+             method__weight_schedule="linear", method__weight_warmup=100),
+        _row("t2", "TERMINATED", 63.5, 1200, method__pull_temperature=0.2,
+             method__weight_schedule="constant"),
+        _row("t3", "TERMINATED", 55.0, 400, method__pull_temperature=1.0,
+             method__weight_schedule="step", method__weight_warmup=300),
+        _row("t4", "ERROR", None, 150, method__pull_temperature=0.5, method__weight_schedule="cosine",
+             method__weight_warmup=50),
+        _row("t5", "ERROR", 70.0, 800, method__pull_temperature=0.1, method__weight_schedule="constant"),
+        TrialRow("t6", "PENDING", {"method.pull_temperature": 0.07}, None, 0, None),
+        _row("t7", "TERMINATED", math.nan, 200, method__pull_temperature=0.3,
+             method__weight_schedule="constant"),
+    ]
+
+
+def test_results_csv_has_one_row_per_trial_and_a_column_per_param(rows, tmp_path):
+    write_results(rows, tmp_path, metric=METRIC, mode="max")
+    with open(tmp_path / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        table = list(reader)
+    assert reader.fieldnames == ["trial_id", "status", "value", "steps", "method.pull_temperature",
+                                 "method.weight_schedule", "method.weight_warmup", "error"]
+    assert [r["trial_id"] for r in table] == [r.trial_id for r in rows]
+    assert table[1] == {"trial_id": "t2", "status": "TERMINATED", "value": "63.5", "steps": "1200",
+                        "method.pull_temperature": "0.2", "method.weight_schedule": "constant",
+                        "method.weight_warmup": "", "error": ""}
+    assert table[3]["value"] == "" and table[3]["error"] == "RuntimeError: step 150: loss is NaN"
+    assert table[5]["status"] == "PENDING" and table[5]["value"] == ""
+
+
+@pytest.mark.parametrize("mode, best_id", [("max", "t2"), ("min", "t3")])
+def test_best_config_is_the_best_finished_trial_and_loads_as_a_config(rows, tmp_path, mode, best_id):
+    write_results(rows, tmp_path, metric=METRIC, mode=mode)
+    best = next(r for r in rows if r.trial_id == best_id)  # t5 scored 70 but errored: never best
+    record = json.loads((tmp_path / "best_config.json").read_text())
+    assert record == {"trial_id": best_id, "metric": METRIC, "value": best.value,
+                      "params": best.params, "config": best.config}
+    loaded = Config.load(tmp_path / "best_config.json")  # what `t2sda train --config` does
+    assert loaded.to_dict() == best.config
+    assert loaded.method.pull_temperature == best.params["method.pull_temperature"]
+
+
+def test_table_ranks_the_top_trials_and_counts_the_rest(rows, tmp_path):
+    text = write_results(rows, tmp_path, metric=METRIC, mode="max", top=2)
+    lines = text.splitlines()
+    assert lines[0] == "top 2 of 3 trials by val/mIoU (max)"
+    assert lines[1].split() == ["rank", "trial", METRIC, "steps", "params"]
+    assert lines[2].split()[:4] == ["1", "t2", "63.5", "1200"]
+    assert "pull_temperature=0.2 weight_schedule=constant" in lines[2]
+    assert lines[3].split()[:4] == ["2", "t1", "60", "1200"]
+    assert lines[4] == "2 of 7 trials errored (t4, t5); 2 reported no value"
+    assert len(lines) == 5
+
+
+def test_summary_png_is_a_real_image(rows, tmp_path):
+    write_results(rows, tmp_path, metric=METRIC, mode="max")
+    data = (tmp_path / "summary.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_summary_panels_scale_each_parameter_by_its_kind(rows):
+    fig = report._summary_figure(rows, rows[1], METRIC)
+    temperature, schedule, warmup = [ax for ax in fig.axes if ax.get_visible()]
+    assert temperature.get_xscale() == "log"  # 0.03..1: more than 1.5 decades
+    assert warmup.get_xscale() == "linear"  # 50..300
+    assert [t.get_text() for t in schedule.get_xticklabels()] == ["constant", "cosine", "linear", "step"]
+
+
+def test_no_value_anywhere_writes_the_csv_and_says_so(tmp_path):
+    rows = [
+        _row("a", "ERROR", None, 10, method__pull_weight=0.5),
+        TrialRow("b", "RUNNING", {"method.pull_weight": 0.1}, None, 0, None),
+    ]
+    text = write_results(rows, tmp_path, metric=METRIC, mode="max")
+    assert text == "no trial reported val/mIoU: 1 of 2 trials errored (a); 1 reported no value"
+    assert (tmp_path / "results.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temp files either
+
+
+def test_a_failed_write_keeps_the_previous_file_whole(tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("old\n")
+
+    def crash(tmp):
+        tmp.write_text("half a fi")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        report._atomic_write(target, crash)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def _study(n_trials):
+    """x drives the value, y barely, k never varies, z only exists when c == 'a'."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        y = trial.suggest_float("y", 0.0, 1.0)
+        trial.suggest_categorical("k", ["only"])
+        if trial.suggest_categorical("c", ["a", "b"]) == "a":
+            trial.suggest_float("z", 0.0, 1.0)
+        return 10 * x + 0.1 * y
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n_trials)
+    failed = study.ask()
+    failed.suggest_float("x", 0.0, 1.0)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    return study
+
+
+def test_importances_cover_the_varying_params_and_sum_to_one(tmp_path):
+    imp = importances(_study(30), tmp_path)
+    assert set(imp) == {"x", "y", "c", "z"}  # k never varied
+    assert sum(imp.values()) == pytest.approx(1.0)
+    assert max(imp, key=imp.get) == "x"
+    assert list(imp.values()) == sorted(imp.values(), reverse=True)
+    assert json.loads((tmp_path / "importances.json").read_text()) == pytest.approx(imp)
+    text = format_importances(imp)
+    assert text.splitlines()[0] == "parameter importances (sum to 1):"
+    assert text.splitlines()[1].split()[:2] == ["x", f"{imp['x']:5.3f}"]
+
+
+def test_importances_need_two_trials_and_a_varying_param(tmp_path):
+    assert importances(_study(1), tmp_path) == {}
+    constant = optuna.create_study()
+    for _ in range(3):
+        constant.enqueue_trial({"x": 0.5})
+    constant.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=3)
+    assert importances(constant, tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+    assert format_importances({}).startswith("parameter importances: need 2+ completed trials")
+
+
+def test_report_never_imports_ray():
+    """The report runs after Ray shut down, and on a machine that only has the results."""
+    code = ("import sys, t2sda.ray_glue.report; "
+            "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
