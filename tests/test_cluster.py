@@ -83,6 +83,11 @@ def test_image_tags_agree_everywhere():
     assert tags == {next(iter(tags))} and next(iter(tags)).startswith(ray.__version__ + "-")
 
 
+def test_ray_pins_in_instructions_follow_the_installed_ray():
+    pins = re.findall(r"ray\[[\w,]+\]==([\w.]+)", (ROOT / "README.md").read_text())
+    assert pins and set(pins) == {ray.__version__}
+
+
 def test_kuberay_manifest_requests_gpus_on_the_projects_ray():
     cluster = _kuberay_cluster()
     spec = cluster["spec"]
