@@ -51,14 +51,20 @@ def slide_logits(model, image: torch.Tensor, *, num_classes: int, crop: int,
 
 @torch.no_grad()
 def predict(model, image: torch.Tensor, *, num_classes: int, crop: int = 0,
-            stride: int = 0) -> torch.Tensor:
-    """(B, H, W) predicted classes; whole-image inference unless a sliding ``crop`` is given."""
+            stride: int = 0, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, H, W) predicted classes; whole-image inference unless a sliding ``crop`` is given.
+
+    ``size`` (H, W): predict at another resolution than the image's, e.g. the full-size label
+    of a downscaled validation image (logits are upsampled before the argmax).
+    """
+    size = tuple(size or image.shape[-2:])
     if crop and (image.shape[-2] > crop or image.shape[-1] > crop):
         logits = slide_logits(model, image, num_classes=num_classes, crop=crop,
                               stride=stride or crop // 2)
     else:
         logits = model(image)[0].float()
-        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits.argmax(dim=1)
 
 
@@ -75,7 +81,8 @@ def evaluate(models: dict, loader, *, num_classes: int, device: torch.device,
     for image, label in loader:
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         for name, model in models.items():
-            pred = predict(model, image, num_classes=num_classes, crop=crop, stride=stride)
+            pred = predict(model, image, num_classes=num_classes, crop=crop, stride=stride,
+                           size=label.shape[-2:])
             confs[name] += confusion_matrix(pred, label, num_classes)
     for conf in confs.values():
         dist.all_reduce_sum(conf)

@@ -18,6 +18,10 @@ class Datasets:
     target: Dataset  # target images; their labels are never used for training
     val: Dataset  # held-out labelled target images
     class_names: tuple[str, ...]
+    # Further labelled sets scored at each evaluation (domain generalization), by name.
+    extra_val: dict[str, Dataset] = dataclasses.field(default_factory=dict)
+    # Extra mean IoUs over class subsets, e.g. SYNTHIA's mIoU16 / mIoU13: name -> train ids.
+    class_subsets: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -39,6 +43,10 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
         val = digits.DigitScenes(domain="target", split="test", length=cfg.val_scenes,
                                  strength=cfg.strength, seed=10_000, image_size=cfg.image_size)
         return Datasets(source, target, val, digits.CLASS_NAMES)
+    if cfg.name == "real":
+        from t2sda.data import real  # real imports this module
+
+        return real.build(cfg, seed=seed)
     raise ValueError(f"unknown dataset {cfg.name!r}")
 
 
@@ -73,8 +81,10 @@ class InfiniteSampler(Sampler[int]):
 def batch_stream(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int = 0,
                  rank: int = 0, world_size: int = 1, start_step: int = 0,
                  pin_memory: bool = False) -> Iterator:
-    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                              start=start_step * batch_size)
+    position = {"seed": seed, "rank": rank, "world_size": world_size, "start": start_step * batch_size}
+    # Folder datasets bring their own sampler: keyed draws, rare-class sampling (data/rcs.py).
+    sampler = dataset.sampler(**position) if hasattr(dataset, "sampler") else \
+        InfiniteSampler(len(dataset), **position)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0)
