@@ -12,6 +12,7 @@ from pathlib import Path
 from t2sda import dist
 from t2sda.checkpoint import CheckpointError, latest
 from t2sda.config import Config, ConfigError
+from t2sda.data import check as check_data
 from t2sda.presets import PRESETS, get_preset
 
 log = logging.getLogger("t2sda")
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from CHECKPOINT, or from the run dir's latest without one")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                        "available, else cpu)")
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
+                                                                        required=True)
+    check_data.add_arguments(data.add_parser(
+        "check", help="validate a dataset folder: layout, pairs, sizes, label ids, histogram"))
     return parser
 
 
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "data":
+            return check_data.main(args)
     except (ConfigError, CheckpointError, UsageError) as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return 2

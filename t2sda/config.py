@@ -43,7 +43,7 @@ def _non_negative(key: str, value) -> None:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: str = "digits"  # digits (embedded); real datasets come with their own loaders
+    name: str = "digits"  # digits (embedded) | real (the dataset folders below)
     strength: float = 0.5  # digits: blend of target ("real") rendering over the source one
     image_size: int = 64
     train_scenes: int = 4000  # scenes per domain in the cached training pool
@@ -51,14 +51,70 @@ class DataConfig:
     batch_size: int = 32  # per process (per worker under DDP)
     num_workers: int = 0
     oracle: bool = False  # train on *labelled target* images: the upper bound
+    # name=real: dataset folders in their official layouts (t2sda/data/folders.py).
+    source: str = "gta5"  # gta5 | synthia | cityscapes | bdd100k | mapillary | acdc | dark_zurich
+    target: str = "cityscapes"  # "" = domain generalization: no target images
+    val: str = "cityscapes"  # comma-separated; the first gives val/mIoU, others val_<name>/mIoU
+    source_root: str = ""  # "" = $T2SDA_<NAME>_ROOT, else $T2SDA_DATA/<name>
+    target_root: str = ""
+    val_roots: str = ""  # comma-separated like val; "" entries: target_root or the environment
+    source_split: str = "train"
+    target_split: str = "train"
+    val_split: str = "val"
+    source_size: str = "1280x720"  # WxH to fit images into (aspect kept) before cropping; "" = as is
+    target_size: str = "1024x512"
+    val_size: str = "1024x512"  # validation images are resized; labels are scored at full size
+    crop_size: int = 512  # random square training crops; 0 = whole images
+    flip: bool = True
+    cat_max_ratio: float = 0.75  # re-crop while one class covers more of the crop (1 = off)
+    rcs_temperature: float = 0.0  # rare-class sampling of source images (DAFormer 0.01); 0 = off
+    rcs_min_pixels: int = 3000  # an image counts for a class with this many pixels of it
+    rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it
+    num_classes: int = 0  # 0 = all 19; K scores train ids < K only (the rest ignored)
+    eval_crop: int = 0  # sliding-window side for validation; 0 = whole image
+    eval_stride: int = 0  # 0 = eval_crop // 2
+    eval_batch_size: int = 0  # 0 = batch_size
+    cache_dir: str = ""  # file scans and class statistics; "" = ~/.cache/t2sda
+    scan_workers: int = 0  # threads reading files at start-up; 0 = min(8, CPUs)
 
     def __post_init__(self):
-        _choice("data.name", self.name, ("digits",))
+        from t2sda.data.folders import LAYOUTS  # data.folders imports config lazily: no cycle
+
+        _choice("data.name", self.name, ("digits", "real"))
         _unit("data.strength", self.strength)
         _check(self.image_size >= 16, "data.image_size", self.image_size, "must be >= 16")
         for key in ("train_scenes", "val_scenes", "batch_size"):
             _positive(f"data.{key}", getattr(self, key))
         _non_negative("data.num_workers", self.num_workers)
+        _choice("data.source", self.source, tuple(LAYOUTS))
+        _choice("data.target", self.target, ("", *LAYOUTS))
+        for name in self.val.split(","):
+            _choice("data.val", name, tuple(LAYOUTS))
+        roots = self.val_roots.split(",") if self.val_roots else []
+        _check(len(roots) <= len(self.val.split(",")), "data.val_roots", self.val_roots,
+               "at most one root per data.val entry")
+        for key in ("source", "target", "val"):
+            name, split = getattr(self, key).split(",")[0], getattr(self, f"{key}_split")
+            if name:
+                _choice(f"data.{key}_split", split, tuple(LAYOUTS[name].splits))
+            size = getattr(self, f"{key}_size")
+            _check(size == "" or self.size(key) is not None, f"data.{key}_size", size,
+                   "expected WIDTHxHEIGHT, e.g. 1280x720, or empty")
+        for key in ("crop_size", "rcs_min_pixels", "num_classes", "eval_crop", "eval_stride",
+                    "eval_batch_size", "scan_workers"):
+            _non_negative(f"data.{key}", getattr(self, key))
+        _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio,
+               "must be in (0, 1]")
+        _non_negative("data.rcs_temperature", self.rcs_temperature)
+        _unit("data.rcs_min_crop_ratio", self.rcs_min_crop_ratio)
+        _check(self.num_classes <= 19, "data.num_classes", self.num_classes, "must be <= 19")
+
+    def size(self, key: str) -> tuple[int, int] | None:
+        """``data.<key>_size`` as (width, height); None when empty or malformed."""
+        width, sep, height = getattr(self, f"{key}_size").partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) and int(height)):
+            return None
+        return int(width), int(height)
 
 
 @dataclass(kw_only=True)

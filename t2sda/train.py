@@ -60,18 +60,22 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
 def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dict:
     student, teacher = dist.unwrap(state.student), state.teacher
     student.eval()
-    loader = eval_loader(data.val, batch_size=cfg.data.batch_size, rank=dist.rank(),
-                         world_size=dist.world_size())
-    confs = evaluate({"student": student, "teacher": teacher}, loader,
-                     num_classes=data.num_classes, device=device)
-    student.train()
     metrics = {}
-    for name, conf in confs.items():
-        iou, miou = iou_from_confusion(conf)
-        suffix = "" if name == "student" else "_teacher"
-        metrics[f"val/mIoU{suffix}"] = 100 * miou.item()
-        for class_name, value in zip(data.class_names, iou.tolist(), strict=True):
-            metrics[f"val/IoU{suffix}/{class_name}"] = 100 * value
+    # The target's val set gives val/...; further sets (domain generalization) val_<name>/...
+    for prefix, dataset in (("val", data.val), *((f"val_{k}", v) for k, v in data.extra_val.items())):
+        loader = eval_loader(dataset, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                             rank=dist.rank(), world_size=dist.world_size())
+        confs = evaluate({"student": student, "teacher": teacher}, loader, num_classes=data.num_classes,
+                         device=device, crop=cfg.data.eval_crop, stride=cfg.data.eval_stride)
+        for name, conf in confs.items():
+            iou, miou = iou_from_confusion(conf)
+            suffix = "" if name == "student" else "_teacher"
+            metrics[f"{prefix}/mIoU{suffix}"] = 100 * miou.item()
+            for subset, ids in data.class_subsets.items():  # e.g. SYNTHIA's mIoU16 / mIoU13
+                metrics[f"{prefix}/{subset}{suffix}"] = 100 * iou[list(ids)].nanmean().item()
+            for class_name, value in zip(data.class_names, iou.tolist(), strict=True):
+                metrics[f"{prefix}/IoU{suffix}/{class_name}"] = 100 * value
+    student.train()
     return metrics
 
 
