@@ -45,9 +45,67 @@ def digits_hard() -> Config:
     return cfg.with_overrides({"data.strength": 1.0})
 
 
+def _daformer_recipe(*, source: str, model: str) -> Config:
+    """The DAFormer UDA recipe (shared/METHOD.md) on dataset folders: batch 2 of 512² crops
+    (GTA5 fitted into 1280x720, SYNTHIA 1280x760, Cityscapes 1024x512), rare-class sampling
+    T=0.01, pseudo labels at 0.968 with the DAFormer margins (15 rows at the top, 120 at the
+    bottom: rectification border and ego car), EMA 0.999, AdamW 6e-5 (head x10) with 1500
+    warm-up iterations, 40k iterations; validation on Cityscapes val at 1024x512, sliding
+    512² windows, scored against the full-resolution labels."""
+    return Config(
+        seed=0,
+        data=DataConfig(
+            name="real", source=source, target="cityscapes", val="cityscapes",
+            source_size="1280x720" if source == "gta5" else "1280x760", target_size="1024x512",
+            val_size="1024x512", crop_size=512, flip=True, cat_max_ratio=0.75,
+            rcs_temperature=0.01, rcs_min_pixels=3000, rcs_min_crop_ratio=0.5,
+            eval_crop=512, eval_stride=341, eval_batch_size=1, batch_size=2, num_workers=4),
+        model=ModelConfig(name=model, pretrained="timm", proj_dim=128),
+        method=MethodConfig(pseudo_threshold=0.968, pseudo_ignore_top=15, pseudo_ignore_bottom=120,
+                            ema_momentum=0.999, fda_beta=0.01),
+        optim=OptimConfig(lr=6e-5, head_lr_mult=10.0, weight_decay=0.01, warmup_iters=1500),
+        train=TrainConfig(iters=40000, eval_every=4000, checkpoint_every=4000, log_every=50),
+    )
+
+
+def gta2cs_daformer() -> Config:
+    """GTA5 -> Cityscapes, DAFormer (MiT-B5-like backbone + fusion head)."""
+    return _daformer_recipe(source="gta5", model="daformer_mitb5")
+
+
+def gta2cs_deeplabv2() -> Config:
+    """GTA5 -> Cityscapes, DeepLabV2 ResNet-101."""
+    return _daformer_recipe(source="gta5", model="deeplabv2_r101")
+
+
+def syn2cs_daformer() -> Config:
+    """SYNTHIA -> Cityscapes, DAFormer; val/mIoU16 and val/mIoU13 are the reported scores."""
+    return _daformer_recipe(source="synthia", model="daformer_mitb5")
+
+
+def syn2cs_deeplabv2() -> Config:
+    """SYNTHIA -> Cityscapes, DeepLabV2 ResNet-101."""
+    return _daformer_recipe(source="synthia", model="deeplabv2_r101")
+
+
+def gta_dg_daformer() -> Config:
+    """Domain generalization from GTA5: no target images. The translation takes its style
+    from other GTA5 images, no self-training, nothing pulled from target pixels; scored on
+    Cityscapes (val/mIoU), BDD100K (val_bdd100k/mIoU) and Mapillary (val_mapillary/mIoU)."""
+    return gta2cs_daformer().with_overrides({
+        "data.target": "", "data.val": "cityscapes,bdd100k,mapillary",
+        "method.self_training": False, "method.pull_target_pixels": False,
+    })
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "digits": digits,
     "digits_hard": digits_hard,
+    "gta2cs_daformer": gta2cs_daformer,
+    "gta2cs_deeplabv2": gta2cs_deeplabv2,
+    "syn2cs_daformer": syn2cs_daformer,
+    "syn2cs_deeplabv2": syn2cs_deeplabv2,
+    "gta_dg_daformer": gta_dg_daformer,
 }
 
 
