@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from CHECKPOINT, or from the run dir's latest without one")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                        "available, else cpu)")
+    ray_args = train.add_argument_group("Ray Train (DDP over workers; global batch = "
+                                        "data.batch_size x workers, see optim.lr_scaling)")
+    ray_args.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 (default) "
+                          "trains in this process. Joins RAY_ADDRESS / a `ray start` cluster, "
+                          "else starts a local one. Re-running on the same --run-dir resumes")
+    ray_args.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray_args.add_argument("--cpus-per-worker", type=float, default=1, metavar="K",
+                          help="CPUs reserved per worker (default 1; more for data loaders)")
+    ray_args.add_argument("--max-failures", type=int, default=3, metavar="F",
+                          help="worker-group restarts from the latest checkpoint (default 3)")
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
                                                                         required=True)
     check_data.add_arguments(data.add_parser(
@@ -58,13 +68,7 @@ def _resolve_run(args, cfg_name: str) -> tuple[Path, Path | None]:
         if existing is not None or (run_dir / "metrics.jsonl").exists():
             raise UsageError(f"run dir {run_dir} already holds a run; pass --resume to continue "
                              "it or choose another --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"run dir {run_dir}: not writable ({err.strerror})") from None
+    _check_writable(run_dir)
     return run_dir, resume
 
 
@@ -76,6 +80,12 @@ def _train(args) -> int:
 
     cfg = Config.load(args.config) if args.config else get_preset(args.preset)
     cfg = cfg.with_overrides(args.set)
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: must be >= 0 (0 trains in this process)")
+    if args.workers > 0:
+        return _train_ray(args, cfg)
+    if args.gpu:
+        raise UsageError("--gpu needs --workers N (in this process, use --device cuda)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -105,6 +115,54 @@ def _train(args) -> int:
     log.info("done: val/mIoU %.2f (teacher %.2f) at step %d; %s", metrics["val/mIoU"],
              metrics["val/mIoU_teacher"], metrics["step"], run_dir)
     return 0
+
+
+def _train_ray(args, cfg: Config) -> int:
+    from t2sda.ray_glue import driver  # Ray is imported only on this path
+
+    if args.device:
+        raise UsageError("--device is for in-process runs; with --workers use --gpu")
+    if args.resume not in (None, "latest"):
+        raise UsageError("--resume CHECKPOINT is for in-process runs; with --workers, running "
+                         "again on the same --run-dir resumes from its latest checkpoint")
+    if args.cpus_per_worker <= 0:
+        raise UsageError(f"--cpus-per-worker {args.cpus_per_worker:g}: must be > 0")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures {args.max_failures}: must be >= 0")
+    name = Path(args.config).stem if args.config else args.preset
+    run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if (run_dir / "metrics.jsonl").exists() and not driver.has_ray_run(run_dir):
+        raise UsageError(f"run dir {run_dir} holds an in-process run; continue it without "
+                         "--workers (--resume) or choose another --run-dir")
+    _check_writable(run_dir)  # before any worker starts
+    if driver.has_ray_run(run_dir):
+        log.info("run dir %s holds a Ray Train run: resuming from its latest checkpoint", run_dir)
+    driver.connect()
+    driver.check_resources(workers=args.workers, use_gpu=args.gpu,
+                           cpus_per_worker=args.cpus_per_worker)
+    log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
+    try:
+        metrics = driver.fit(cfg, run_dir=run_dir, workers=args.workers, use_gpu=args.gpu,
+                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                             callbacks=None)
+    except driver.TrainingFailed as err:
+        print(f"t2sda: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if metrics:
+        log.info("done: val/mIoU %.2f (teacher %.2f) at step %d on %d workers; %s",
+                 metrics["val/mIoU"], metrics["val/mIoU_teacher"], metrics["step"], args.workers,
+                 run_dir)
+    return 0
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"run dir {run_dir}: not writable ({err.strerror})") from None
 
 
 def _print_report(metrics: dict, checkpoint_dir: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"  # {"step", "score"}: read without loading the state (pruning, logs)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -18,10 +20,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the run; one line, with the path."""
 
 
-def save(directory: str | Path, payload: dict) -> Path:
+def save(directory: str | Path, payload: dict, *, score: float | None = None) -> Path:
     """Write ``payload`` to ``directory/state.pt`` so that a crash never leaves a torn file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # Written first: a state.pt never exists without its meta file.
+    meta = {"step": payload.get("step"), "score": score}
+    (directory / META_FILE).write_text(json.dumps(meta) + "\n")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -69,7 +74,29 @@ def latest(root: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+def meta(path: str | Path) -> dict:
+    """A checkpoint directory's {"step", "score"} ({} when it has none)."""
+    try:
+        return json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _score(path: Path) -> float:
+    score = meta(path).get("score")
+    return float(score) if isinstance(score, (int, float)) else float("-inf")  # unscored first
+
+
 def prune(root: str | Path, *, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoint directories."""
-    for _, path in step_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the ``keep`` best-scoring checkpoint directories plus the newest; delete the rest.
+
+    Ties (and unscored checkpoints) are broken in favour of the newer step.
+    """
+    dirs = step_dirs(root)
+    if not dirs:
+        return
+    best = sorted(dirs, key=lambda item: (_score(item[1]), item[0]), reverse=True)[:keep]
+    kept = {path for _, path in best} | {dirs[-1][1]}
+    for _, path in dirs:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)

@@ -206,6 +206,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_iters: int = 1500
     poly_power: float = 1.0
+    # The lr above is for one process. Under DDP the global batch is data.batch_size x workers;
+    # linear / sqrt multiply the lr by workers / sqrt(workers) (none keeps it as given).
+    lr_scaling: str = "none"
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
@@ -213,6 +216,7 @@ class OptimConfig:
         _non_negative("optim.weight_decay", self.weight_decay)
         _non_negative("optim.warmup_iters", self.warmup_iters)
         _non_negative("optim.poly_power", self.poly_power)
+        _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
 
 
 @dataclass(kw_only=True)
@@ -221,9 +225,10 @@ class TrainConfig:
     eval_every: int = 4000
     checkpoint_every: int = 4000
     log_every: int = 50
-    keep_checkpoints: int = 2  # newest checkpoint directories kept in the run dir
+    keep_checkpoints: int = 2  # best checkpoints by val mIoU kept (the newest is always kept too)
     images_every: int = 0  # 0 = log images at each evaluation
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    channels_last: bool = True  # CUDA only: NHWC memory format (faster convolutions on tensor cores)
     threads: int = 0  # torch CPU threads, 0 = torch's default
     fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
 

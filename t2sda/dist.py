@@ -65,3 +65,16 @@ def shutdown(*, wait: bool) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def max_rank_difference(tensor: torch.Tensor) -> float:
+    """Largest |x_r - x_0| over ranks r and elements: 0 when every rank holds the same tensor.
+
+    DDP replicas must stay bit-identical (same init, all-reduced gradients, same EMA and class
+    weights); a non-zero value means a rank has drifted.
+    """
+    if not is_distributed():
+        return 0.0
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return max((g - gathered[0]).abs().max().item() for g in gathered)

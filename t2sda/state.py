@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from t2sda import dist
 from t2sda.config import Config, ConfigError
 from t2sda.dist import unwrap
 from t2sda.method.class_weights import ClassWeighter
@@ -73,6 +74,11 @@ class TrainState:
         self.step = state["step"]
 
 
+def lr_scale(rule: str, world_size: int) -> float:
+    """Learning-rate factor for a global batch ``world_size`` times the per-process one."""
+    return {"none": 1.0, "linear": float(world_size), "sqrt": world_size**0.5}[rule]
+
+
 def uses_pull(cfg: Config) -> bool:
     return cfg.method.pull_weight > 0
 
@@ -94,19 +100,20 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {first}") from None
     proj = ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim) if uses_pull(cfg) else None
     network = Network(segmentor, proj).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and cfg.train.channels_last:
         network = network.to(memory_format=torch.channels_last)
     teacher = EMATeacher(network)
     backbone, head = segmentor.param_groups()
     if proj is not None:
         head = head + list(proj.parameters())
+    lr = cfg.optim.lr * lr_scale(cfg.optim.lr_scaling, dist.world_size())
     groups = [
-        {"params": backbone, "lr": cfg.optim.lr},
-        {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult},
+        {"params": backbone, "lr": lr},
+        {"params": head, "lr": lr * cfg.optim.head_lr_mult},
     ]
     for group in groups:
         group["initial_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
     m = cfg.method
     bank = (
         PrototypeBank(num_classes, cfg.model.proj_dim, momentum=m.proto_momentum, device=device)

@@ -30,7 +30,8 @@ Report = Callable[[dict, "str | None"], None]
 
 
 def _wrap_ddp(device: torch.device, cfg: Config):
-    if not dist.is_distributed():
+    # A group of one (Ray Train with one worker) gains nothing from DDP but its hooks.
+    if dist.world_size() == 1:
         return None
     ids = [device.index] if device.type == "cuda" else None
     # The projection head sits idle during the source-only warm-up and the pull's ramp:
@@ -55,6 +56,14 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def _replica_drift(state: TrainState) -> dict:
+    """How far ranks have drifted apart (0 when DDP keeps them identical, as it must)."""
+    params = [p.detach().double().sum() for p in dist.unwrap(state.student).parameters()]
+    params += [p.detach().double().sum() for p in state.teacher.model.parameters()]
+    return {"dist/param_diff": dist.max_rank_difference(torch.stack(params)),
+            "dist/class_weight_diff": dist.max_rank_difference(state.weighter.weights().double())}
 
 
 def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dict:
@@ -100,10 +109,12 @@ def _log_images(logger, state: TrainState, data, cfg: Config, device, step: int)
 
 
 def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
-          report: Report | None = None, resume: str | Path | None = None) -> dict:
+          report: Report | None = None, resume: str | Path | None = None,
+          checkpoint_root: str | Path | None = None) -> dict:
     """Train ``cfg`` in ``run_dir``; resume from a checkpoint file or directory if given.
 
-    Returns the last evaluation's metrics.
+    Checkpoints go to ``checkpoint_root`` (default ``run_dir/checkpoints``); under Ray Train it
+    is a scratch directory that Ray persists and prunes. Returns the last evaluation's metrics.
     """
     device, run_dir = torch.device(device), Path(run_dir)
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -137,17 +148,20 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
     try:
         # A resumed run that is already complete returns the metrics its checkpoint holds.
         return _loop(state, streams, data, cfg, device, run_dir, logger, report,
-                     metrics=dict(payload["metrics"]) if payload is not None else {})
+                     metrics=dict(payload["metrics"]) if payload is not None else {},
+                     ckpt_root=Path(checkpoint_root or run_dir / "checkpoints"))
     finally:
         logger.close()
 
 
-def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics: dict) -> dict:
+def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics: dict,
+          ckpt_root: Path) -> dict:
     """Steps until ``cfg.train.iters``; returns the last evaluation's metrics."""
     rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
-    ckpt_root, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    metrics_path = run_dir / "metrics.jsonl"
     # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
     window, window_time, window_steps = defaultdict(float), 0.0, 0
+    total_time, total_steps = 0.0, 0  # since this (re)start, for the reported perf/ metrics
     while state.step < cfg.train.iters:
         tic = time.perf_counter()
         (src_img, src_label), (tgt_img, _) = (next(s) for s in streams)
@@ -160,7 +174,8 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
         torch.manual_seed(_step_seed(cfg.seed, rank, state.step))
         logs = train_step(state, src_img, src_label, tgt_img, cfg)
         step = state.step  # steps done
-        window_time += time.perf_counter() - tic
+        elapsed = time.perf_counter() - tic
+        window_time, total_time, total_steps = window_time + elapsed, total_time + elapsed, total_steps + 1
         for key, value in logs.items():
             window[key] += value
         window_steps += 1
@@ -174,14 +189,21 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
             logger.scalar("perf/images_per_s", 2 * b * world * window_steps / window_time, step)
             window, window_time, window_steps = defaultdict(float), 0.0, 0
 
-        evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.iters
         save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.iters
+        # Every checkpoint carries a fresh score: the best ones are kept by val mIoU.
+        evaluate_now = step % cfg.train.eval_every == 0 or save_now
         if evaluate_now:
-            metrics = {"step": step, **_validate(state, data, cfg, device)}
+            metrics = {"step": step, **_validate(state, data, cfg, device),
+                       "perf/steps_per_s": total_steps / total_time,
+                       "perf/images_per_s": 2 * b * world * total_steps / total_time}
+            if world > 1:
+                metrics.update(_replica_drift(state))
             if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):
                 raise RuntimeError(f"step {step}: validation mIoU is not finite")
             if main:
-                logger.scalars({k: v for k, v in metrics.items() if k != "step"}, step)
+                # perf/ is logged every log_every steps above; here it would be logged twice.
+                logger.scalars({k: v for k, v in metrics.items()
+                                if k != "step" and not k.startswith("perf/")}, step)
                 if cfg.train.images_every == 0:
                     _log_images(logger, state, data, cfg, device, step)
                 # Classes absent from both truth and prediction have no IoU: null, not NaN.
@@ -195,9 +217,10 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
         if save_now and main:
             ckpt_dir = ckpt_root / f"step_{step:07d}"
             checkpoint.save(ckpt_dir, {"state": state.state_dict(), "step": step,
-                                       "config": cfg.to_dict(), "metrics": metrics})
+                                       "config": cfg.to_dict(), "metrics": metrics},
+                            score=metrics["val/mIoU"])
             checkpoint.prune(ckpt_root, keep=cfg.train.keep_checkpoints)
-        if report is not None and (evaluate_now or save_now):
+        if report is not None and evaluate_now:
             report(dict(metrics), str(ckpt_dir) if ckpt_dir else None)
     return metrics
 

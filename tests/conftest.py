@@ -19,3 +19,24 @@ TINY = [
 def tiny_cfg():
     """The digits preset shrunk to a few seconds: every piece of the method still runs."""
     return get_preset("digits").with_overrides(TINY)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (starting one costs ~8 s on two cores).
+
+    4 logical CPUs so a 2-worker run fits beside a Tune driver. The dashboard is on: Ray
+    Train's placement-group cleaner needs its state API. Subprocesses (the CLI under test)
+    join this cluster through RAY_ADDRESS.
+    """
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=True, object_store_memory=100 * 2**20,
+             log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()

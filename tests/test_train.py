@@ -118,3 +118,19 @@ def test_resuming_a_finished_run_returns_its_metrics(tiny_cfg, tmp_path):
     # metrics.jsonl is strict JSON: classes without an IoU are null, never NaN.
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_prune_keeps_best_by_score_and_the_latest(tmp_path):
+    from t2sda import checkpoint
+
+    for step, score in [(10, 5.0), (20, 9.0), (30, 7.0), (40, 1.0), (50, 3.0)]:
+        checkpoint.save(tmp_path / f"step_{step:07d}", {"state": {}, "step": step}, score=score)
+    checkpoint.prune(tmp_path, keep=2)
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [20, 30, 50]  # best 2 + newest
+    assert checkpoint.meta(tmp_path / "step_0000050") == {"step": 50, "score": 3.0}
+
+
+def test_lr_scaling_rules():
+    from t2sda.state import lr_scale
+
+    assert lr_scale("none", 4) == 1.0 and lr_scale("linear", 4) == 4.0 and lr_scale("sqrt", 4) == 2.0

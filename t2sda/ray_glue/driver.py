@@ -1,0 +1,158 @@
+"""One T2S-DA run as a Ray Train ``TorchTrainer``: DDP over N workers, checkpoints, restarts.
+
+The run directory is Ray's ``storage_path / name``: Ray keeps its checkpoints there (the best
+``train.keep_checkpoints`` by val mIoU plus the latest) and rank 0 writes ``config.json``,
+``metrics.jsonl`` and the TensorBoard events beside them. Fitting the same run directory
+again resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from t2sda.config import Config, ConfigError
+from t2sda.ray_glue.worker import train_loop_per_worker
+
+log = logging.getLogger("t2sda")
+
+
+class TrainingFailed(RuntimeError):
+    """A worker raised (after the allowed restarts); ``exit_code`` 1 for NaN, else 2."""
+
+    def __init__(self, message: str, *, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def connect(*, dashboard: bool = True) -> bool:
+    """Join the cluster in ``RAY_ADDRESS`` or one started with ``ray start``, else start a local
+    one (with the dashboard when asked: Tune needs its state API to clean up stopped trials).
+
+    Returns whether this process started the cluster.
+    """
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or "auto", log_to_driver=True)
+        log.info("connected to the Ray cluster at %s", address or "auto")
+        return False
+    except ConnectionError as err:
+        if address:
+            raise ConfigError(f"RAY_ADDRESS={address!r}: no Ray cluster reachable ({err})") from None
+    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(include_dashboard=dashboard)
+    return True
+
+
+def _max_resources() -> dict | None:
+    """What an autoscaling cluster may grow to (None for a fixed cluster, e.g. a laptop)."""
+    try:
+        from ray._private.state import state  # Ray Train's own pre-check reads the same
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # an older/newer Ray without it: fall back to the present resources
+        return None
+
+
+def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float,
+                    concurrent: int = 1) -> None:
+    """Fail now, with the missing resource named, rather than wait for workers never placed."""
+    need = {"CPU": workers * cpus_per_worker * concurrent}
+    if use_gpu:
+        need["GPU"] = workers * concurrent
+    present, maximum = ray.cluster_resources(), _max_resources()
+    limit = {k: max(present.get(k, 0), (maximum or {}).get(k, 0)) for k in need}
+    where = "can grow to" if maximum else "has"
+    for name, amount in need.items():
+        if amount > limit[name]:
+            if name == "GPU" and limit[name] == 0:
+                raise ConfigError(f"--gpu: the Ray cluster has no GPU (it {where} "
+                                  f"{_fmt(present if not maximum else maximum)})")
+            what = (f"{concurrent} trials x " if concurrent > 1 else "") + f"{workers} workers"
+            per = f"{cpus_per_worker:g} CPU" if name == "CPU" else "1 GPU"
+            raise ConfigError(f"{what} x {per} need {name}={amount:g}, but the Ray cluster "
+                              f"{where} {name}={limit[name]:g}")
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
+
+
+def has_ray_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a Ray Train run (its checkpoint snapshot or checkpoints)."""
+    return run_dir.is_dir() and any(p.name.startswith("checkpoint") for p in run_dir.iterdir())
+
+
+def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
+            cpus_per_worker: float = 1, max_failures: int = 3,
+            callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees)."""
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            # Worker failures restart the group from the latest checkpoint; the controller
+            # (which waits for resources) gets no retries, so nothing waits forever.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                   controller_failure_limit=0),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val/mIoU", checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
+        cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None) -> dict:
+    """Run (or resume) training through Ray Train; returns the last evaluation's metrics."""
+    run = trainer(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
+                  cpus_per_worker=cpus_per_worker, max_failures=max_failures, callbacks=callbacks)
+    try:
+        run.fit()
+    except ray.train.TrainingFailedError as err:
+        raise _explain(err) from None
+    return last_metrics(run_dir)
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """The last row of rank 0's metrics.jsonl ({} before the first evaluation)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _explain(err: Exception) -> TrainingFailed:
+    """One line from Ray's nested failure: the first worker's own error, or the controller's."""
+    from t2sda.step import NonFiniteLossError
+
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        cause = getattr(cause, "cause", None) or cause  # unwrap RayTaskError
+        text = _first_line(cause)
+        code = 1 if isinstance(cause, NonFiniteLossError) or "NonFiniteLossError" in str(cause) else 2
+        return TrainingFailed(f"training failed on rank {rank}: {text}", exit_code=code)
+    cause = getattr(err, "controller_failure", None) or err
+    text = _first_line(cause)
+    if "startup timed out" in str(cause):
+        text = ("the workers could not be placed in time (not enough free CPU/GPU on the "
+                "cluster?): " + text)
+    return TrainingFailed(f"training failed: {text}")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__

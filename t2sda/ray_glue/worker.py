@@ -1,0 +1,79 @@
+"""What each Ray Train worker runs: ``t2sda.train.train`` with Ray's report and resume.
+
+Ray has already joined the workers into a process group (gloo on CPU, NCCL on GPU), so
+``train`` sees ``torch.distributed`` initialised and wraps the student in DDP itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from t2sda import checkpoint
+from t2sda.config import Config
+from t2sda.train import train
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """``loop_config``: {"config": Config.to_dict(), "run_dir": absolute path on shared storage}.
+
+    Every rank calls ``ray.train.report`` at every evaluation (it is a barrier); rank 0 attaches
+    its checkpoint, which Ray copies into the run's storage and scores by val mIoU. After a
+    worker failure, or when the same run is started again, Ray hands the latest one back here.
+    """
+    cfg = Config.from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    scratch = Path(tempfile.mkdtemp(prefix="t2sda-ckpt-"))  # Ray persists from here
+
+    main = ray.train.get_context().get_world_rank() == 0
+    _quiet_reports()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=saved)
+        if main:  # one progress line per evaluation on the driver's terminal
+            _say(f"step {metrics['step']}  val/mIoU {metrics['val/mIoU']:.2f}  teacher "
+                 f"{metrics['val/mIoU_teacher']:.2f}  {metrics['perf/images_per_s']:.0f} img/s")
+        if checkpoint_dir:  # Ray has its copy now
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    resume_dir = None
+    restored = ray.train.get_checkpoint()
+    try:
+        if restored is not None:
+            resume_dir = Path(restored.to_directory(tempfile.mkdtemp(prefix="t2sda-resume-")))
+            if main:
+                _say(f"resuming from step {checkpoint.meta(resume_dir).get('step')} "
+                     f"({restored.path})")
+        train(cfg, device=device, run_dir=run_dir, report=report, resume=resume_dir,
+              checkpoint_root=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def _quiet_reports() -> None:
+    """Ray logs every report of every rank, all metrics included, at INFO: far too much for a
+    terminal. Rank 0 prints one line per evaluation instead (``_say``)."""
+    try:
+        from ray.train.v2._internal.execution import context  # its logger is named by file
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray layout: keep its logs
+        pass
+
+
+def _say(message: str) -> None:
+    """Print to the process's real stdout: Ray's patched ``print`` would echo a line twice."""
+    print(f"t2sda: {message}", file=sys.__stdout__, flush=True)
