@@ -193,9 +193,13 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
         # Every checkpoint carries a fresh score: the best ones are kept by val mIoU.
         evaluate_now = step % cfg.train.eval_every == 0 or save_now
         if evaluate_now:
+            # Best-so-far carried through checkpoints: what a search compares, so a trial
+            # stopped early and one run to the end are judged alike.
+            best = metrics.get("val/best_mIoU", -math.inf)
             metrics = {"step": step, **_validate(state, data, cfg, device),
                        "perf/steps_per_s": total_steps / total_time,
                        "perf/images_per_s": 2 * b * world * total_steps / total_time}
+            metrics["val/best_mIoU"] = max(best, metrics["val/mIoU"])
             if world > 1:
                 metrics.update(_replica_drift(state))
             if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):

@@ -61,6 +61,10 @@ def _max_resources() -> dict | None:
         return None
 
 
+def autoscaling() -> bool:
+    return bool(_max_resources())
+
+
 def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float,
                     concurrent: int = 1) -> None:
     """Fail now, with the missing resource named, rather than wait for workers never placed."""
@@ -91,18 +95,24 @@ def has_ray_run(run_dir: Path) -> bool:
 
 
 def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
-            cpus_per_worker: float = 1, max_failures: int = 3,
-            callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees)."""
+            cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
+            storage: str | None = None) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees).
+
+    With ``storage`` a URI (s3://bucket/experiment), Ray keeps the checkpoints there under
+    ``run_dir.name``; rank 0 writes its logs to the local ``run_dir`` and copies them beside.
+    """
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    remote = storage is not None and "://" in storage
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
+                           "sync_to": f"{storage}/{run_dir.name}" if remote else None},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage or str(run_dir.parent),
             # Worker failures restart the group from the latest checkpoint; the controller
             # (which waits for resources) gets no retries, so nothing waits forever.
             failure_config=ray.train.FailureConfig(max_failures=max_failures,
@@ -116,10 +126,12 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
 
 
 def fit(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
-        cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None) -> dict:
+        cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
+        storage: str | None = None) -> dict:
     """Run (or resume) training through Ray Train; returns the last evaluation's metrics."""
     run = trainer(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
-                  cpus_per_worker=cpus_per_worker, max_failures=max_failures, callbacks=callbacks)
+                  cpus_per_worker=cpus_per_worker, max_failures=max_failures, callbacks=callbacks,
+                  storage=storage)
     try:
         run.fit()
     except ray.train.TrainingFailedError as err:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -22,7 +23,8 @@ from t2sda.train import train
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """``loop_config``: {"config": Config.to_dict(), "run_dir": absolute path on shared storage}.
+    """``loop_config``: {"config": Config.to_dict(), "run_dir": absolute path for rank 0's logs,
+    "sync_to": None, or a URI the logs are copied to after each evaluation}.
 
     Every rank calls ``ray.train.report`` at every evaluation (it is a barrier); rank 0 attaches
     its checkpoint, which Ray copies into the run's storage and scores by val mIoU. After a
@@ -41,6 +43,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=saved)
+        if main and loop_config.get("sync_to"):  # logs beside the checkpoints in the bucket
+            pyarrow.fs.copy_files(str(run_dir), loop_config["sync_to"])
         if main:  # one progress line per evaluation on the driver's terminal
             _say(f"step {metrics['step']}  val/mIoU {metrics['val/mIoU']:.2f}  teacher "
                  f"{metrics['val/mIoU_teacher']:.2f}  {metrics['perf/images_per_s']:.0f} img/s")

@@ -1,0 +1,298 @@
+"""``tune.py``: a Ray Tune + Optuna search over T2S-DA; every trial is a Ray Train run.
+
+One trial = a small driver function (0.01 CPU) that builds a ``TorchTrainer`` named after
+the trial id under the experiment directory and fits it; ``TuneReportCallback`` forwards each
+evaluation to Tune. Optuna (TPE, seeded, define-by-run spaces from ``tune_spaces/``) proposes
+configs behind a concurrency limit; ASHA stops weak trials on the reported training step.
+The search metric is the best-so-far validation mIoU, so stopped and finished trials compare
+fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+import tune_spaces
+from t2sda.config import Config, ConfigError
+from t2sda.presets import PRESETS, get_preset
+from t2sda.ray_glue import driver, report
+from t2sda.ray_glue.storage import check_storage
+
+log = logging.getLogger("t2sda")
+SEARCH_METRIC = {"val/mIoU": "val/best_mIoU"}  # the space's metric -> its best-so-far report
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python tune.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", help="search space: " + ", ".join(tune_spaces.available()))
+    p.add_argument("--list-spaces", action="store_true", help="describe every space and exit")
+    p.add_argument("--preset", default="digits", help=f"base config: {', '.join(PRESETS)}")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override base config keys (the space's parameters are sampled on top)")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's budget)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the "
+                   "cluster fits: GPUs, or CPUs, // (workers-per-trial x per-worker need))")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per Train worker")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Train worker (NCCL)")
+    p.add_argument("--storage", default="runs/tune", help="experiments root: a path, or a URI "
+                   "(s3://...) on a multi-node cluster (default: runs/tune)")
+    p.add_argument("--name", help="experiment name (default: <space>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+                   help="early stopping (default asha)")
+    p.add_argument("--grace-period", type=int, help="ASHA: steps before a trial may be stopped "
+                   "(default: the space's)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA (default: the space's)")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="worker-group restarts per trial from its latest checkpoint")
+    return p
+
+
+def _check_args(args) -> None:
+    if args.list_spaces:
+        return
+    if not args.space:
+        raise UsageError("--space is required (available: " + ", ".join(tune_spaces.available()) + ")")
+    for flag in ("num_samples", "max_concurrent", "workers_per_trial", "grace_period"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
+    if args.cpus_per_worker <= 0:
+        raise UsageError(f"--cpus-per-worker {args.cpus_per_worker:g}: must be > 0")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures {args.max_failures}: must be >= 0")
+    if args.reduction_factor is not None and args.reduction_factor < 2:
+        raise UsageError(f"--reduction-factor {args.reduction_factor}: must be >= 2")
+
+
+def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: int,
+           use_gpu: bool, cpus_per_worker: float, max_failures: int) -> None:
+    """One trial: the base config plus the sampled parameters, trained by Ray Train.
+
+    A bad sampled value or a failed run raises: Tune records the trial as errored and the
+    search goes on.
+    """
+    cfg = Config.from_dict(base).with_overrides(params)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(exp_path) / f"train-{trial_id}"
+    driver.fit(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
+               cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+               callbacks=[TuneReportCallback()], storage=storage)
+
+
+def _defaults(space, base: Config) -> dict:
+    """The base config's own value of every searched key that lies inside the space: tried
+    first, so the search always holds the default as a reference point."""
+    flat = _flatten(base.to_dict())
+    point = {}
+    for trial in tune_spaces.draw(space, 100, seed=1):
+        for name, dist in trial.distributions.items():
+            value = flat[name]
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if inside:
+                point.setdefault(name, value)
+    return point
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _concurrency(args, num_samples: int) -> int:
+    if args.max_concurrent:
+        return args.max_concurrent
+    have = ray.cluster_resources()
+    unit = "GPU" if args.gpu else "CPU"
+    per_trial = args.workers_per_trial * (1 if args.gpu else args.cpus_per_worker)
+    return max(1, min(num_samples, int(have.get(unit, 0) // per_trial)))
+
+
+def _alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def run(args) -> int:
+    _check_args(args)
+    if args.list_spaces:
+        print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
+        return 0
+    space = tune_spaces.load(args.space)
+    metric = SEARCH_METRIC.get(space.metric)
+    if metric is None:
+        raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
+                         f"(supported: {', '.join(SEARCH_METRIC)})")
+    base = get_preset(args.preset).with_overrides(args.set)
+    name = args.name or f"{space.name}-{args.preset}"
+    num_samples = args.num_samples or space.num_samples
+
+    remote = "://" in args.storage and not args.storage.startswith("file://")
+    local_root = None if remote else Path(args.storage.removeprefix("file://")).resolve()
+    if local_root is not None:  # refuse before starting Ray: quick, and nothing written
+        _check_experiment(local_root / name, resume=args.resume)
+    started = driver.connect(dashboard=True)  # the state API cleans up stopped trials
+    # An autoscaling cluster may grow past its present nodes: treat it as multi-node.
+    nodes = 1 if started else max(_alive_nodes(), 2 if driver.autoscaling() else 1)
+    storage = check_storage(args.storage, num_nodes=nodes)
+    exp_path = f"{storage}/{name}"
+    if remote and args.resume and not tune.Tuner.can_restore(exp_path):
+        raise UsageError(f"--resume: no experiment to resume at {exp_path}")
+    concurrent = _concurrency(args, num_samples)
+    driver.check_resources(workers=args.workers_per_trial, use_gpu=args.gpu,
+                           cpus_per_worker=args.cpus_per_worker, concurrent=concurrent)
+
+    # Each trial writes rank 0's logs to a local path (a URI storage gets them copied).
+    log_root = Path(exp_path) if not remote else Path("runs/tune-logs").resolve() / name
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
+                             storage=exp_path if remote else None,
+                             workers=args.workers_per_trial, use_gpu=args.gpu,
+                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures),
+        {"cpu": 0.01})  # the driver only waits on its TorchTrainer; Tune must not count workers
+    if args.resume:
+        log.info("resuming experiment %s", exp_path)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+        searcher = None
+    else:
+        searcher = OptunaSearch(space=space.define, metric=metric, mode=space.mode,
+                                sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                points_to_evaluate=[_defaults(space, base)])
+        scheduler = (ASHAScheduler(time_attr="step", max_t=max(base.train.iters, 1),
+                                   grace_period=min(args.grace_period or space.grace_period,
+                                                    max(base.train.iters, 1)),
+                                   reduction_factor=args.reduction_factor or space.reduction_factor)
+                     if args.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=space.mode,  # the same pair as the searcher's (RAY.md)
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+                scheduler=scheduler, num_samples=num_samples, max_concurrent_trials=concurrent,
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}"),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      progress_reporter=_reporter(space, metric)),
+        )
+    log.info("search %s on %s: %d trials, %d at a time, %d worker(s) each; TensorBoard: "
+             "tensorboard --logdir %s", space.name, args.preset, num_samples, concurrent,
+             args.workers_per_trial, exp_path)
+    # Tune's classic table takes our columns; its newer one would print every reported metric.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    grid = tuner.fit()
+    return _summarize(grid, space, metric, base, log_root, exp_path, searcher, num_samples)
+
+
+def _reporter(space, metric: str) -> tune.CLIReporter:
+    """Tune's progress table with the columns that matter (not 50 per-class IoUs)."""
+    names = sorted({n for t in tune_spaces.draw(space, 100, seed=1) for n in t.params})
+    return tune.CLIReporter(
+        metric_columns={"step": "step", "val/mIoU": "mIoU", metric: "best mIoU"},
+        parameter_columns={n: n.rsplit(".", 1)[-1] for n in names},
+        sort_by_metric=True, max_report_frequency=30)  # metric/mode come from TuneConfig
+
+
+def _check_experiment(exp_dir: Path, *, resume: bool) -> None:
+    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise UsageError(f"--resume: no experiment to resume at {exp_dir}")
+    if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UsageError(f"experiment {exp_dir} exists; pass --resume to continue it, or "
+                         "choose another --name")
+
+
+def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: str,
+               searcher, num_samples: int) -> int:
+    rows = []
+    # Tune's saved status per trial: after a Ctrl-C the live grid calls unfinished trials
+    # terminated, the saved experiment state knows they were still running.
+    status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(exp_path).trials}
+    for result in grid:
+        trial_id = Path(result.path).name.removeprefix("trial-")
+        params = {k: v for k, v in (result.config or {}).items()}
+        try:
+            config = base.with_overrides(params).to_dict()
+        except ConfigError:
+            config = None
+        value = (result.metrics or {}).get(metric)
+        rows.append(report.TrialRow(
+            trial_id=trial_id,
+            status="ERROR" if result.error else status.get(trial_id, "TERMINATED"),
+            params=params,
+            value=value if isinstance(value, (int, float)) and math.isfinite(value) else None,
+            steps=int((result.metrics or {}).get("step") or 0),
+            config=config,
+            error=_first_line(result.error) if result.error else None,
+        ))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(report.write_results(rows, out_dir, metric=metric, mode=space.mode))
+    study = _study(searcher, exp_path)
+    if study is not None:
+        print(report.format_importances(report.importances(study, out_dir)))
+    if "://" in exp_path:  # results beside the trials in the bucket
+        import pyarrow.fs
+        pyarrow.fs.copy_files(str(out_dir), exp_path)
+    print(f"results: {out_dir}/results.csv, best_config.json, summary.png\n"
+          f"train the best: python -m t2sda train --config {out_dir}/best_config.json\n"
+          f"TensorBoard:    tensorboard --logdir {exp_path}")
+    unfinished = len(rows) < num_samples or any(r.status not in ("TERMINATED", "ERROR") for r in rows)
+    if unfinished:
+        print(f"the search stopped before its {num_samples} trials ended; continue it with the "
+              "same command plus --resume")
+    return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1
+
+
+def _study(searcher, exp_path: str):
+    """The Optuna study: the live searcher's, or (after --resume) the one Tune saved."""
+    if searcher is None:
+        searcher = OptunaSearch()
+        try:
+            searcher.restore_from_dir(exp_path)
+        except Exception as err:  # no searcher state saved: importances are optional
+            log.warning("no Optuna state to read importances from (%s)", _first_line(err))
+            return None
+    return getattr(searcher, "_ot_study", None)
+
+
+def _first_line(err) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("T2SDA_LOG", "INFO"), format="%(message)s",
+                        stream=sys.stdout)
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, UsageError) as err:
+        print(f"tune.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tune.py: interrupted; continue with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,163 @@
+"""tune.py end to end through Ray on tiny settings: Optuna + ASHA, per-trial TensorBoard,
+best_config.json, resume after Ctrl-C, errored trials, bad input. One Ray per session."""
+
+import csv
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2sda.config import Config
+from t2sda.ray_glue import search
+from t2sda.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SEARCH = [
+    "data.image_size=32", "data.train_scenes=48", "data.val_scenes=16", "data.batch_size=4",
+    "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2", "train.threads=1",
+    "method.self_training_start=2", "method.pull_warmup=0", "method.weight_warmup=2",
+    "method.num_queries=16", "method.num_negatives=16", "optim.warmup_iters=1",
+]
+
+
+def _rows(exp: Path) -> list[dict]:
+    with (exp / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.ray
+def test_search_end_to_end(ray_cluster, tmp_path, capsys):
+    code = search.main(["--space", "pull_loss", "--storage", str(tmp_path), "--name", "e2e",
+                        "--num-samples", "3", "--max-concurrent", "1", "--grace-period", "4",
+                        "--reduction-factor", "2", "--set", *TINY_SEARCH, "train.iters=12"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    exp = tmp_path / "e2e"
+    rows = _rows(exp)
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
+    params = [tuple(v for k, v in r.items() if k.startswith("method.")) for r in rows]
+    assert len(set(params)) == 3  # three distinct sampled configurations
+    # The preset's own values are tried first, so the search holds the default as a reference.
+    assert any(r["method.pull_temperature"] == "0.2" and r["method.pull_weight"] == "0.1"
+               for r in rows)
+    steps = sorted(int(r["steps"]) for r in rows)
+    assert steps[0] < 12 and steps[-1] == 12  # ASHA stopped at least one trial early
+    # Optuna's state is saved with the experiment (and holds every trial).
+    state = next(exp.glob("searcher-state-*.pkl"))
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    assert len(study.trials) == 3
+    # TensorBoard: Tune's per-trial scalars + HParams, and each trial's own training curves.
+    for row in rows:
+        tune_events = list((exp / f"trial-{row['trial_id']}").glob("events.out.tfevents.*"))
+        train_events = list((exp / f"train-{row['trial_id']}").glob("events.out.tfevents.*"))
+        assert len(tune_events) == 1 and len(train_events) == 1
+    assert any(b"hparams" in p.read_bytes() for p in exp.glob("trial-*/events.out.tfevents.*"))
+    assert (exp / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "top 3 of 3 trials" in out and "tensorboard --logdir" in out
+    # best_config.json trains with the winning parameters.
+    best = json.loads((exp / "best_config.json").read_text())
+    cfg = Config.load(exp / "best_config.json").with_overrides(["train.iters=2"])
+    assert cfg.method.pull_temperature == best["params"]["method.pull_temperature"]
+    metrics = train(cfg, device=torch.device("cpu"), run_dir=tmp_path / "best-run")
+    assert metrics["step"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    args = [sys.executable, "tune.py", "--space", "pull_loss", "--storage", str(tmp_path),
+            "--name", "resume", "--num-samples", "2", "--max-concurrent", "1", "--scheduler",
+            "none", "--set", *TINY_SEARCH, "train.iters=16", "train.eval_every=4",
+            "train.checkpoint_every=4"]
+    exp = tmp_path / "resume"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ))
+    try:  # Ctrl-C once the first trial has finished and the second has a checkpoint
+        deadline = time.monotonic() + 240
+        while True:
+            runs = sorted(exp.glob("train-*"), key=lambda p: p.stat().st_mtime)
+            done = [r for r in runs if '"step": 16' in _read(r / "metrics.jsonl")]
+            second = [r for r in runs if r not in done and _read(r / "metrics.jsonl")]
+            if done and second:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "search did not progress"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "--resume" in out
+    finished = done[0]
+    before = (finished / "metrics.jsonl").read_text()
+    events_before = sorted(p.name for p in finished.glob("events.out.tfevents.*"))
+
+    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stdout + resumed.stderr  # the unfinished one
+    # The finished trial was not run again: its logs are untouched.
+    assert (finished / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in finished.glob("events.out.tfevents.*")) == events_before
+    rows = _rows(exp)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "16" for r in rows)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.ray
+def test_failed_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path, capsys):
+    # Every trial raises once at step 3 and has no restarts: both must run, both errored.
+    code = search.main(["--space", "ema", "--storage", str(tmp_path), "--name", "fail",
+                        "--num-samples", "2", "--max-concurrent", "1", "--max-failures", "0",
+                        "--scheduler", "none", "--set", *TINY_SEARCH, "train.iters=4",
+                        "train.fail_at_step=3"])
+    out = capsys.readouterr().out
+    rows = _rows(tmp_path / "fail")
+    assert code == 1 and len(rows) == 2
+    assert all(r["status"] == "ERROR" and "injected failure" in r["error"] for r in rows)
+    assert "2 of 2 trials errored" in out
+    assert not (tmp_path / "fail" / "best_config.json").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--space", "nope"], "unknown search space 'nope' (available: ema, full, pull_loss, weighting)"),
+    (["--space", "pull_loss", "--set", "method.nope=1"], "unknown config key 'method.nope'"),
+    (["--space", "pull_loss", "--num-samples", "0"], "--num-samples 0: must be >= 1"),
+    (["--space", "pull_loss", "--max-concurrent", "0"], "--max-concurrent 0: must be >= 1"),
+    (["--space", "pull_loss", "--resume"], "--resume: no experiment to resume"),
+    ([], "--space is required"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
+    proc = subprocess.run([sys.executable, "tune.py", "--storage", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and fragment in err, proc.stderr[-2000:]
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "Started a local Ray" not in proc.stdout + proc.stderr  # refused before Ray starts
+
+
+def test_existing_experiment_needs_resume(tmp_path):
+    (tmp_path / "pull_loss-digits").mkdir()
+    (tmp_path / "pull_loss-digits" / "tuner.pkl").write_bytes(b"x")
+    proc = subprocess.run([sys.executable, "tune.py", "--space", "pull_loss", "--storage",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exists; pass --resume" in proc.stderr
+    assert (tmp_path / "pull_loss-digits" / "tuner.pkl").read_bytes() == b"x"
+
+
+def test_defaults_point_is_the_preset_inside_the_space():
+    import tune_spaces
+    from t2sda.presets import get_preset
+
+    point = search._defaults(tune_spaces.load("pull_loss"), get_preset("digits"))
+    assert point["method.pull_temperature"] == 0.2 and point["method.pull_weight"] == 0.1
+    assert point["method.ema_momentum"] == 0.99 and point["method.weight_schedule"] == "linear"
