@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then the main job on the embedded default data: one T2S-DA training
-# run on `digits` (source-only warm-up, then adaptation), logged to runs/ for TensorBoard.
+# Set up (idempotent), then the main job on the embedded default data: the pull-loss search
+# (Ray Tune + Optuna + ASHA, each trial a Ray Train run) on `digits`, on a local Ray.
+# Extra flags go to tune.py, e.g. scripts/run.sh --num-samples 4 --name demo
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-exec .venv/bin/python -m t2sda train --preset digits "$@"
+exec .venv/bin/python tune.py --space pull_loss "$@"

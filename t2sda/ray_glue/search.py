@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, help="ASHA: steps before a trial may be stopped "
                    "(default: the space's)")
     p.add_argument("--reduction-factor", type=int, help="ASHA (default: the space's)")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                   help="Optuna sampler (random: the baseline of scripts/bench_search.py)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per trial from its latest checkpoint")
@@ -175,7 +177,10 @@ def run(args) -> int:
                              storage=exp_path if remote else None,
                              workers=args.workers_per_trial, use_gpu=args.gpu,
                              cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures),
-        {"cpu": 0.01})  # the driver only waits on its TorchTrainer; Tune must not count workers
+        # The driver only waits on its TorchTrainer: it takes no CPU (a CPU share, however
+        # small, would leave a full CPU short for the last trial's worker), just a token of
+        # memory (Tune wants some resource). Tune does not count the Train workers.
+        {"cpu": 0, "memory": 64 * 2**20})
     if args.resume:
         log.info("resuming experiment %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
@@ -183,7 +188,7 @@ def run(args) -> int:
         searcher = None
     else:
         searcher = OptunaSearch(space=space.define, metric=metric, mode=space.mode,
-                                sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                sampler=_sampler(args.sampler, args.seed),
                                 points_to_evaluate=[_defaults(space, base)])
         scheduler = (ASHAScheduler(time_attr="step", max_t=max(base.train.iters, 1),
                                    grace_period=min(args.grace_period or space.grace_period,
@@ -207,6 +212,12 @@ def run(args) -> int:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     return _summarize(grid, space, metric, base, log_root, exp_path, searcher, num_samples)
+
+
+def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _reporter(space, metric: str) -> tune.CLIReporter:
