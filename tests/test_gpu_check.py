@@ -1,0 +1,46 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smoke(out: Path, *args: str) -> dict:
+    """scripts/gpu_check.py --cpu-smoke as on a lent machine (its own process), one model."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu-smoke", "--out", str(out),
+                           "--models", "deeplabv2_r101", *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check_cpu_smoke.json").read_text())
+    assert result["group"]["all_reduce_ok"] and result["group"]["world_size"] == 1
+    assert [(r["model"], r["amp"]) for r in result["runs"]] == [("deeplabv2_r101", "none"),
+                                                                ("deeplabv2_r101", "bf16")]
+    for run in result["runs"]:
+        assert "error" not in run, run
+        assert run["images_per_s"] > 0 and run["tflop_per_step"] > 0
+        assert set(run["phases_ms"]) == {"student forward", "teacher forward", "pull loss",
+                                         "backward", "optimizer", "EMA", "other"}
+        assert all(run["phases_ms"][p] > 0 for p in ("student forward", "backward", "pull loss",
+                                                      "EMA"))
+    table = (out / "gpu_check_cpu_smoke.md").read_text()
+    assert "| deeplabv2_r101 | bf16 |" in table
+    return result
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_in_process(tmp_path):
+    result = _smoke(tmp_path, "--launcher", "torch")
+    assert result["group"]["backend"] == "gloo" and "ray not used" in result["launcher"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_gpu_check_smoke_through_ray_train(tmp_path, ray_cluster):
+    # RAY_ADDRESS (set by the fixture) makes the script's worker join the session's cluster.
+    result = _smoke(tmp_path, "--launcher", "ray")
+    assert result["group"]["backend"] == "gloo" and "Ray Train" in result["launcher"]
