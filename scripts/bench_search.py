@@ -6,7 +6,7 @@ per search: the best val mIoU found (best-so-far, as the searcher saw it), the c
 (training steps summed over trials; ASHA stops weak trials early, so it spends fewer) and the
 wall time. Writes ``<out>/results.json`` and ``results.md``; a finished search is reused.
 
-    python scripts/bench_search.py                         # digits, 2 seeds, 6 trials each
+    python scripts/bench_search.py                         # digits, 2 seeds, 4 trials each
     python scripts/bench_search.py --seeds 0 1 2 --num-samples 8 --set train.iters=1200
 """
 
@@ -42,7 +42,8 @@ def run_search(method: str, seed: int, args) -> dict:
     cmd = [sys.executable, "tune.py", "--space", args.space, "--preset", args.preset,
            "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent),
            "--seed", str(seed), "--storage", str(args.out / "runs"), "--name", name,
-           "--grace-period", str(args.grace_period), *METHODS[method],
+           *(["--grace-period", str(args.grace_period)] if args.grace_period else []),
+           *METHODS[method],
            "--set", *DEFAULT_SET, *args.set]
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     env.pop("RAY_ADDRESS", None)  # each search gets its own local Ray, same conditions
@@ -85,9 +86,10 @@ def main() -> None:
     p.add_argument("--space", default="pull_loss")
     p.add_argument("--preset", default="digits")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--num-samples", type=int, default=6)
+    p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-concurrent", type=int, default=2)
-    p.add_argument("--grace-period", type=int, default=200, help="ASHA, in steps")
+    p.add_argument("--grace-period", type=int, help="ASHA first rung in steps (default: tune.py's "
+                   "rule, the first evaluation after adaptation starts)")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
     p.add_argument("--set", nargs="+", default=[], help="extra base-config overrides")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_search")

@@ -161,3 +161,18 @@ def test_defaults_point_is_the_preset_inside_the_space():
     point = search._defaults(tune_spaces.load("pull_loss"), get_preset("digits"))
     assert point["method.pull_temperature"] == 0.2 and point["method.pull_weight"] == 0.1
     assert point["method.ema_momentum"] == 0.99 and point["method.weight_schedule"] == "linear"
+
+
+def test_asha_first_rung_waits_for_adaptation():
+    import argparse
+
+    import tune_spaces
+    from t2sda.presets import get_preset
+
+    space, base = tune_spaces.load("pull_loss"), get_preset("digits")
+    plain = argparse.Namespace(grace_period=None)
+    # digits adapts from step 600 and evaluates every 200: before 800 all trials are alike.
+    assert search._grace(plain, space, base) == 800
+    assert search._grace(argparse.Namespace(grace_period=50), space, base) == 50
+    short = base.with_overrides(["train.iters=300"])
+    assert search._grace(plain, space, short) == 300  # never past the end

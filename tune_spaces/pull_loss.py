@@ -7,7 +7,7 @@ from tune_spaces import _knobs
 DESCRIPTION = "pull loss: temperature, weight, weighting schedule (gamma, warm-up), teacher EMA"
 METRIC = "val/mIoU"
 MODE = "max"
-NUM_SAMPLES = 8
+NUM_SAMPLES = 6
 GRACE_PERIOD = 400
 REDUCTION_FACTOR = 2
 

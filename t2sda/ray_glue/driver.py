@@ -32,24 +32,36 @@ class TrainingFailed(RuntimeError):
 
 
 def connect(*, dashboard: bool = True) -> bool:
-    """Join the cluster in ``RAY_ADDRESS`` or one started with ``ray start``, else start a local
-    one (with the dashboard when asked: Tune needs its state API to clean up stopped trials).
+    """Join the cluster in ``RAY_ADDRESS`` or the one ``ray start`` recorded on this machine,
+    else start a local one (with the dashboard when asked: Ray Train's placement-group cleaner
+    and Tune need its state API).
 
-    Returns whether this process started the cluster.
+    Returns whether this process started the cluster. A cluster another program started with
+    ``ray.init()`` is never joined (Ray's ``address="auto"`` would): its owner may stop it.
     """
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address or "auto", log_to_driver=True)
-        log.info("connected to the Ray cluster at %s", address or "auto")
+    address = os.environ.get("RAY_ADDRESS") or _ray_start_address()
+    if address and address != "local":  # "local": a fresh cluster, as in Ray
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            raise ConfigError(f"Ray cluster at {address!r} (RAY_ADDRESS or `ray start`): not "
+                              f"reachable ({_first_line(err)})") from None
+        log.info("connected to the Ray cluster at %s", address)
         return False
-    except ConnectionError as err:
-        if address:
-            raise ConfigError(f"RAY_ADDRESS={address!r}: no Ray cluster reachable ({err})") from None
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
     ray.init(include_dashboard=dashboard)
     return True
+
+
+def _ray_start_address() -> str | None:
+    """The address ``ray start --head`` wrote on this machine, if such a cluster is up."""
+    try:
+        from ray._private.utils import read_ray_address  # what ray.init() itself consults
+
+        return read_ray_address() or None
+    except Exception:  # another Ray layout: only RAY_ADDRESS joins a cluster
+        return None
 
 
 def _max_resources() -> dict | None:
@@ -59,6 +71,12 @@ def _max_resources() -> dict | None:
         return state.get_max_resources_from_cluster_config()
     except Exception:  # an older/newer Ray without it: fall back to the present resources
         return None
+
+
+def capacity() -> dict:
+    """CPU and GPU the cluster has now, or can grow to when it autoscales."""
+    present, maximum = ray.cluster_resources(), _max_resources() or {}
+    return {k: max(present.get(k, 0), maximum.get(k, 0)) for k in ("CPU", "GPU")}
 
 
 def autoscaling() -> bool:
@@ -72,7 +90,7 @@ def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float,
     if use_gpu:
         need["GPU"] = workers * concurrent
     present, maximum = ray.cluster_resources(), _max_resources()
-    limit = {k: max(present.get(k, 0), (maximum or {}).get(k, 0)) for k in need}
+    limit = capacity()
     where = "can grow to" if maximum else "has"
     for name, amount in need.items():
         if amount > limit[name]:
@@ -96,11 +114,14 @@ def has_ray_run(run_dir: Path) -> bool:
 
 def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
             cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
-            storage: str | None = None) -> TorchTrainer:
+            storage: str | None = None, placement_retries: int = 0) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees).
 
     With ``storage`` a URI (s3://bucket/experiment), Ray keeps the checkpoints there under
     ``run_dir.name``; rank 0 writes its logs to the local ``run_dir`` and copies them beside.
+    ``placement_retries``: how many more times (60 s each) Ray Train's controller waits for
+    the workers' resources before the run fails (inside a search, a finishing trial's
+    resources may take a moment to come back).
     """
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     remote = storage is not None and "://" in storage
@@ -114,9 +135,9 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
             name=run_dir.name,
             storage_path=storage or str(run_dir.parent),
             # Worker failures restart the group from the latest checkpoint; the controller
-            # (which waits for resources) gets no retries, so nothing waits forever.
+            # (which waits for resources) gets a bounded number of retries: nothing waits forever.
             failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                   controller_failure_limit=0),
+                                                   controller_failure_limit=placement_retries),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val/mIoU", checkpoint_score_order="max"),
@@ -127,11 +148,11 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
 
 def fit(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
         cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
-        storage: str | None = None) -> dict:
+        storage: str | None = None, placement_retries: int = 0) -> dict:
     """Run (or resume) training through Ray Train; returns the last evaluation's metrics."""
     run = trainer(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
                   cpus_per_worker=cpus_per_worker, max_failures=max_failures, callbacks=callbacks,
-                  storage=storage)
+                  storage=storage, placement_retries=placement_retries)
     try:
         run.fit()
     except ray.train.TrainingFailedError as err:

@@ -98,7 +98,10 @@ def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: in
     run_dir = Path(exp_path) / f"train-{trial_id}"
     driver.fit(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
                cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-               callbacks=[TuneReportCallback()], storage=storage)
+               callbacks=[TuneReportCallback()], storage=storage,
+               # Up to 10 more minutes for workers: another job on the cluster, or a stopped
+               # trial whose placement group Ray has not yet released, may hold them.
+               placement_retries=10)
 
 
 def _defaults(space, base: Config) -> dict:
@@ -131,7 +134,7 @@ def _flatten(raw: dict, prefix: str = "") -> dict:
 def _concurrency(args, num_samples: int) -> int:
     if args.max_concurrent:
         return args.max_concurrent
-    have = ray.cluster_resources()
+    have = driver.capacity()  # an autoscaling GPU cluster may start with no GPU node up
     unit = "GPU" if args.gpu else "CPU"
     per_trial = args.workers_per_trial * (1 if args.gpu else args.cpus_per_worker)
     return max(1, min(num_samples, int(have.get(unit, 0) // per_trial)))
@@ -191,8 +194,7 @@ def run(args) -> int:
                                 sampler=_sampler(args.sampler, args.seed),
                                 points_to_evaluate=[_defaults(space, base)])
         scheduler = (ASHAScheduler(time_attr="step", max_t=max(base.train.iters, 1),
-                                   grace_period=min(args.grace_period or space.grace_period,
-                                                    max(base.train.iters, 1)),
+                                   grace_period=_grace(args, space, base),
                                    reduction_factor=args.reduction_factor or space.reduction_factor)
                      if args.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
@@ -212,6 +214,18 @@ def run(args) -> int:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     return _summarize(grid, space, metric, base, log_root, exp_path, searcher, num_samples)
+
+
+def _grace(args, space, base: Config) -> int:
+    """ASHA's first rung. Not before the first evaluation after adaptation starts: until then
+    every trial of a method-parameter search trains the same source-only model, and ASHA
+    would stop trials on ties."""
+    if args.grace_period:
+        grace = args.grace_period
+    else:
+        adapting = base.method.self_training_start + base.train.eval_every
+        grace = max(space.grace_period, adapting if base.method.self_training else 0)
+    return max(1, min(grace, base.train.iters))
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
