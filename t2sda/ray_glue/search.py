@@ -193,7 +193,10 @@ def run(args) -> int:
         searcher = OptunaSearch(space=space.define, metric=metric, mode=space.mode,
                                 sampler=_sampler(args.sampler, args.seed),
                                 points_to_evaluate=[_defaults(space, base)])
-        scheduler = (ASHAScheduler(time_attr="step", max_t=max(base.train.iters, 1),
+        # max_t one past the end: a trial that reaches train.iters ends by itself, so its
+        # TorchTrainer shuts down cleanly (a STOP at the last report kills it mid-shutdown and
+        # its workers' resources may linger until Ray notices).
+        scheduler = (ASHAScheduler(time_attr="step", max_t=base.train.iters + 1,
                                    grace_period=_grace(args, space, base),
                                    reduction_factor=args.reduction_factor or space.reduction_factor)
                      if args.scheduler == "asha" else FIFOScheduler())
