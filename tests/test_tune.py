@@ -158,7 +158,8 @@ def test_defaults_point_is_the_preset_inside_the_space():
     import tune_spaces
     from t2sda.presets import get_preset
 
-    point = search._defaults(tune_spaces.load("pull_loss"), get_preset("digits"))
+    space = tune_spaces.load("pull_loss")
+    point = search._defaults(space, get_preset("digits"), tune_spaces.draw(space, 100, seed=1))
     assert point["method.pull_temperature"] == 0.2 and point["method.pull_weight"] == 0.1
     assert point["method.ema_momentum"] == 0.99 and point["method.weight_schedule"] == "linear"
 

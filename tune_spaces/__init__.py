@@ -1,7 +1,7 @@
 """Search spaces for ``tune.py``: one module per space, found by name.
 
-A space module defines DESCRIPTION, METRIC, MODE, NUM_SAMPLES, GRACE_PERIOD,
-REDUCTION_FACTOR and ``define(trial)``, an Optuna define-by-run function whose parameter
+A space module defines DESCRIPTION, NUM_SAMPLES, GRACE_PERIOD and ``define(trial)`` (METRIC,
+MODE and REDUCTION_FACTOR default to val/mIoU, max and 2), an Optuna define-by-run function whose parameter
 names are dotted config keys, so a sampled dict goes straight into ``Config.with_overrides``.
 Modules whose names start with ``_`` hold shared pieces and are not spaces.
 """
@@ -45,11 +45,11 @@ def load(name: str) -> Space:
     return Space(
         name=name,
         description=module.DESCRIPTION,
-        metric=module.METRIC,
-        mode=module.MODE,
+        metric=getattr(module, "METRIC", "val/mIoU"),
+        mode=getattr(module, "MODE", "max"),
         num_samples=module.NUM_SAMPLES,
         grace_period=module.GRACE_PERIOD,
-        reduction_factor=module.REDUCTION_FACTOR,
+        reduction_factor=getattr(module, "REDUCTION_FACTOR", 2),
         define=module.define,
     )
 

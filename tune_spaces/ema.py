@@ -5,11 +5,8 @@ from __future__ import annotations
 from tune_spaces import _knobs
 
 DESCRIPTION = "moving averages: teacher EMA momentum, prototype bank or batch keys and its momentum"
-METRIC = "val/mIoU"
-MODE = "max"
 NUM_SAMPLES = 8
 GRACE_PERIOD = 400
-REDUCTION_FACTOR = 2
 
 
 def define(trial) -> None:

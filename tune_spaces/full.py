@@ -5,11 +5,8 @@ from __future__ import annotations
 from tune_spaces import _knobs
 
 DESCRIPTION = "all of the method: pull loss, weighting, teacher EMA, lr, pseudo labels, translation, sampling"
-METRIC = "val/mIoU"
-MODE = "max"
 NUM_SAMPLES = 12
 GRACE_PERIOD = 400
-REDUCTION_FACTOR = 2
 
 
 def define(trial) -> None:

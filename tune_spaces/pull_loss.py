@@ -5,11 +5,8 @@ from __future__ import annotations
 from tune_spaces import _knobs
 
 DESCRIPTION = "pull loss: temperature, weight, weighting schedule (gamma, warm-up), teacher EMA"
-METRIC = "val/mIoU"
-MODE = "max"
 NUM_SAMPLES = 6
 GRACE_PERIOD = 400
-REDUCTION_FACTOR = 2
 
 
 def define(trial) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 from tune_spaces import _knobs
 
 DESCRIPTION = "dynamic class weights: mode, gamma, score momentum, schedule and warm-up"
-METRIC = "val/mIoU"
-MODE = "max"
 NUM_SAMPLES = 8
 GRACE_PERIOD = 400
-REDUCTION_FACTOR = 2
 
 
 def define(trial) -> None:

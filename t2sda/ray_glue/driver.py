@@ -73,9 +73,10 @@ def _max_resources() -> dict | None:
         return None
 
 
-def capacity() -> dict:
+def capacity(present: dict | None = None, maximum: dict | None = None) -> dict:
     """CPU and GPU the cluster has now, or can grow to when it autoscales."""
-    present, maximum = ray.cluster_resources(), _max_resources() or {}
+    present = ray.cluster_resources() if present is None else present
+    maximum = (_max_resources() if maximum is None else maximum) or {}
     return {k: max(present.get(k, 0), maximum.get(k, 0)) for k in ("CPU", "GPU")}
 
 
@@ -90,7 +91,7 @@ def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float,
     if use_gpu:
         need["GPU"] = workers * concurrent
     present, maximum = ray.cluster_resources(), _max_resources()
-    limit = capacity()
+    limit = capacity(present, maximum)
     where = "can grow to" if maximum else "has"
     for name, amount in need.items():
         if amount > limit[name]:

@@ -104,12 +104,13 @@ def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: in
                placement_retries=10)
 
 
-def _defaults(space, base: Config) -> dict:
-    """The base config's own value of every searched key that lies inside the space: tried
-    first, so the search always holds the default as a reference point."""
+def _defaults(space, base: Config, drawn: list) -> dict:
+    """The base config's own value of every searched key that lies inside the space (``drawn``:
+    sampled trials showing its ranges): tried first, so the search always holds the default
+    as a reference point."""
     flat = _flatten(base.to_dict())
     point = {}
-    for trial in tune_spaces.draw(space, 100, seed=1):
+    for trial in drawn:
         for name, dist in trial.distributions.items():
             value = flat[name]
             try:
@@ -190,9 +191,10 @@ def run(args) -> int:
                                    resume_errored=False)
         searcher = None
     else:
+        drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
         searcher = OptunaSearch(space=space.define, metric=metric, mode=space.mode,
                                 sampler=_sampler(args.sampler, args.seed),
-                                points_to_evaluate=[_defaults(space, base)])
+                                points_to_evaluate=[_defaults(space, base, drawn)])
         # max_t one past the end: a trial that reaches train.iters ends by itself, so its
         # TorchTrainer shuts down cleanly (a STOP at the last report kills it mid-shutdown and
         # its workers' resources may linger until Ray notices).
@@ -208,7 +210,7 @@ def run(args) -> int:
                 scheduler=scheduler, num_samples=num_samples, max_concurrent_trials=concurrent,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}"),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                      progress_reporter=_reporter(space, metric)),
+                                      progress_reporter=_reporter(metric, drawn)),
         )
     log.info("search %s on %s: %d trials, %d at a time, %d worker(s) each; TensorBoard: "
              "tensorboard --logdir %s", space.name, args.preset, num_samples, concurrent,
@@ -237,9 +239,9 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def _reporter(space, metric: str) -> tune.CLIReporter:
+def _reporter(metric: str, drawn: list) -> tune.CLIReporter:
     """Tune's progress table with the columns that matter (not 50 per-class IoUs)."""
-    names = sorted({n for t in tune_spaces.draw(space, 100, seed=1) for n in t.params})
+    names = sorted({n for t in drawn for n in t.params})
     return tune.CLIReporter(
         metric_columns={"step": "step", "val/mIoU": "mIoU", metric: "best mIoU"},
         parameter_columns={n: n.rsplit(".", 1)[-1] for n in names},
