@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv at the repo root with t2sda installed editable (+ dev extras).
+# Idempotent set-up: .venv at the repo root with t2sda installed editable (+ dev and export extras).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,5 +16,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, pinned, so nothing below pulls a different build.
 .venv/bin/python -m pip install --quiet -c scripts/constraints.txt torch torchvision
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[dev,export]"
 echo "$want" > "$stamp"
