@@ -8,6 +8,7 @@ import pytest
 import tune_spaces
 from t2sda.config import ConfigError
 from t2sda.presets import get_preset
+from tune_spaces import _knobs
 
 SPACES = ["ema", "full", "pull_loss", "weighting"]
 DRAWS = 120  # enough random draws to hit every categorical choice of every space
@@ -111,3 +112,17 @@ def test_spaces_import_from_anywhere(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import tune_spaces; print(tune_spaces.available())"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(SPACES)
+
+
+@pytest.mark.parametrize("name", ["pull_loss", "ema", "full"])
+def test_teacher_momentum_range_fits_the_presets_adaptation_steps(name):
+    """digits adapts for 600 steps: no sampled teacher may have a half-life over 300 steps
+    (0.999's is 693: it stalled at ~40 mIoU); a 40k-step preset keeps the slow momenta."""
+    short = {t.params["method.ema_momentum"]
+             for t in tune_spaces.draw(tune_spaces.load(name, adaptation_steps=600), DRAWS)}
+    assert short == {0.98, 0.99, 0.995}
+    assert all(_knobs.half_life(m) <= 300 for m in short)
+    long = {t.params["method.ema_momentum"]
+            for t in tune_spaces.draw(tune_spaces.load(name, adaptation_steps=40000), DRAWS)}
+    assert 0.9999 in long and 0.999 in long
+    assert _knobs.teacher_momenta(10) == _knobs.TEACHER_MOMENTA[:2]  # still a choice to make

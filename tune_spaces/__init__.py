@@ -9,6 +9,7 @@ Modules whose names start with ``_`` hold shared pieces and are not spaces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -37,7 +38,9 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
-def load(name: str) -> Space:
+def load(name: str, *, adaptation_steps: int | None = None) -> Space:
+    """The space ``name``; ``adaptation_steps`` (the preset's train.iters - self_training_start)
+    lets ranges that depend on the run's length (the teacher's momentum) fit it."""
     names = available()
     if name not in names:
         raise ConfigError(f"unknown search space {name!r} (available: {', '.join(names)})")
@@ -50,7 +53,7 @@ def load(name: str) -> Space:
         num_samples=module.NUM_SAMPLES,
         grace_period=module.GRACE_PERIOD,
         reduction_factor=getattr(module, "REDUCTION_FACTOR", 2),
-        define=module.define,
+        define=functools.partial(module.define, adaptation_steps=adaptation_steps),
     )
 
 

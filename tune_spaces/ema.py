@@ -9,9 +9,9 @@ NUM_SAMPLES = 8
 GRACE_PERIOD = 400
 
 
-def define(trial) -> None:
+def define(trial, adaptation_steps: int | None = None) -> None:
     """The bank's momentum only matters when the pull loss takes its positives from the bank."""
-    _knobs.teacher(trial)
+    _knobs.teacher(trial, adaptation_steps)
     keys = trial.suggest_categorical("method.pull_keys", ("bank", "batch"))
     if keys == "bank":
         trial.suggest_categorical("method.proto_momentum", _knobs.PROTO_MOMENTA)

@@ -9,11 +9,11 @@ NUM_SAMPLES = 12
 GRACE_PERIOD = 400
 
 
-def define(trial) -> None:
+def define(trial, adaptation_steps: int | None = None) -> None:
     """lr around the preset's 1e-3; FDA beta small, as small images want (METHOD.md)."""
     _knobs.pull(trial)
     _knobs.weights(trial)
-    _knobs.teacher(trial)
+    _knobs.teacher(trial, adaptation_steps)
     trial.suggest_float("optim.lr", 2e-4, 5e-3, log=True)
     trial.suggest_float("method.pseudo_threshold", 0.8, 0.99)
     if trial.suggest_categorical("method.translate", ("fda", "color", "none")) == "fda":

@@ -9,9 +9,9 @@ NUM_SAMPLES = 6
 GRACE_PERIOD = 400
 
 
-def define(trial) -> None:
+def define(trial, adaptation_steps: int | None = None) -> None:
     """Weight mode stays the preset's (iou), so gamma always acts and is always sampled."""
     _knobs.pull(trial)
     _knobs.schedule(trial)
     _knobs.gamma(trial)
-    _knobs.teacher(trial)
+    _knobs.teacher(trial, adaptation_steps)

@@ -9,6 +9,6 @@ NUM_SAMPLES = 8
 GRACE_PERIOD = 400
 
 
-def define(trial) -> None:
+def define(trial, adaptation_steps: int | None = None) -> None:
     """Uniform mode is one arm of the search: it shows whether weighting pays at all."""
     _knobs.weights(trial)

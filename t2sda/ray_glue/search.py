@@ -150,12 +150,12 @@ def run(args) -> int:
     if args.list_spaces:
         print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
         return 0
-    space = tune_spaces.load(args.space)
+    base = get_preset(args.preset).with_overrides(args.set)
+    space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
     metric = SEARCH_METRIC.get(space.metric)
     if metric is None:
         raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
                          f"(supported: {', '.join(SEARCH_METRIC)})")
-    base = get_preset(args.preset).with_overrides(args.set)
     name = args.name or f"{space.name}-{args.preset}"
     num_samples = args.num_samples or space.num_samples
 
@@ -219,6 +219,13 @@ def run(args) -> int:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     return _summarize(grid, space, metric, base, log_root, exp_path, searcher, num_samples)
+
+
+def _adaptation_steps(base: Config) -> int | None:
+    """Steps of self-training the preset runs (None for source-only training)."""
+    if not base.method.self_training:
+        return None
+    return max(base.train.iters - base.method.self_training_start, 1)
 
 
 def _grace(args, space, base: Config) -> int:
