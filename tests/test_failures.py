@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from t2sda import checkpoint
 from tests.conftest import TINY
 
@@ -79,3 +81,23 @@ def test_tensorboard_warns_once_per_nonfinite_tag(tmp_path, caplog):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("val/IoU/road")] == [(0, 1.0), (3, 2.0)]
+
+
+def test_unreadable_autoscaling_limits_fail_closed(monkeypatch):
+    pytest.importorskip("ray")
+    from ray._private.state import state
+
+    from t2sda.config import ConfigError
+    from t2sda.ray_glue import driver
+
+    def broken():
+        raise AttributeError("'GlobalState' object has no attribute 'global_state_accessor'")
+
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", broken)
+    monkeypatch.delenv(driver.ASSUME_FIXED_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"cannot read the Ray cluster's autoscaling limits .*"
+                       r"AttributeError.*set T2SDA_CLUSTER_FIXED=1"):
+        driver.autoscaling()
+    monkeypatch.setenv(driver.ASSUME_FIXED_ENV, "1")  # the user's explicit override
+    assert driver.autoscaling() is False
+    assert driver.capacity(present={"CPU": 4}) == {"CPU": 4, "GPU": 0}
