@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import torch
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"  # {"step", "score"}: read without loading the state (pruning, logs)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+log = logging.getLogger("t2sda")
 
 
 class CheckpointError(RuntimeError):
@@ -75,28 +77,55 @@ def latest(root: str | Path) -> Path | None:
 
 
 def meta(path: str | Path) -> dict:
-    """A checkpoint directory's {"step", "score"} ({} when it has none)."""
+    """A checkpoint directory's {"step", "score"} ({} when it is missing or unreadable)."""
     try:
-        return json.loads((Path(path) / META_FILE).read_text())
+        return _read_meta(Path(path))
     except (OSError, ValueError):
         return {}
 
 
-def _score(path: Path) -> float:
-    score = meta(path).get("score")
+def _read_meta(path: Path) -> dict:
+    data = json.loads((path / META_FILE).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{META_FILE} is not a JSON object")
+    return data
+
+
+def _score(path: Path) -> float | None:
+    """The checkpoint's val score; None when its meta file cannot be read (score unknown)."""
+    try:
+        score = _read_meta(path).get("score")
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        log.warning("checkpoint %s: %s unreadable (%s); kept, since it may be the best one",
+                    path, META_FILE, reason)
+        return None
     return float(score) if isinstance(score, (int, float)) else float("-inf")  # unscored first
 
 
-def prune(root: str | Path, *, keep: int) -> None:
+def prune(root: str | Path, *, keep: int) -> list[Path]:
     """Keep the ``keep`` best-scoring checkpoint directories plus the newest; delete the rest.
 
-    Ties (and unscored checkpoints) are broken in favour of the newer step.
+    Ties (and unscored checkpoints) are broken in favour of the newer step. A checkpoint whose
+    meta file is unreadable has an unknown score: it is kept (with a warning), never pruned.
+    A directory that cannot be deleted is a warning naming it (training goes on; the disk
+    fills). Returns the directories deleted.
     """
     dirs = step_dirs(root)
     if not dirs:
-        return
-    best = sorted(dirs, key=lambda item: (_score(item[1]), item[0]), reverse=True)[:keep]
-    kept = {path for _, path in best} | {dirs[-1][1]}
+        return []
+    scores = {path: _score(path) for _, path in dirs}
+    scored = [(step, path) for step, path in dirs if scores[path] is not None]
+    best = sorted(scored, key=lambda item: (scores[item[1]], item[0]), reverse=True)[:keep]
+    kept = {path for _, path in best} | {dirs[-1][1]} | {p for p, s in scores.items() if s is None}
+    deleted = []
     for _, path in dirs:
-        if path not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+        if path in kept:
+            continue
+        try:
+            shutil.rmtree(path)
+            deleted.append(path)
+        except OSError as err:
+            log.warning("checkpoint %s: could not be pruned (%s: %s)", path,
+                        type(err).__name__, err.strerror or err)
+    return deleted

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 IGNORE = 255
+log = logging.getLogger("t2sda")
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -61,10 +63,15 @@ class TBLogger(NullLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self._warned: set[str] = set()  # tags already reported as non-finite
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if value is not None and np.isfinite(value):
             self.writer.add_scalar(tag, value, step)
+        elif tag not in self._warned:  # once per tag: a class absent all run would flood the log
+            self._warned.add(tag)
+            log.warning("tensorboard: %s is %s at step %d; non-finite values of this tag are "
+                        "not plotted (warned once)", tag, value, step)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         for tag, value in values.items():

@@ -21,7 +21,7 @@ from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
 from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
 from t2sda.state import TrainState, build_state, uses_pull
-from t2sda.step import train_step
+from t2sda.step import NonFiniteLossError, train_step
 from t2sda.tb import NullLogger, TBLogger, colorize
 
 # report(metrics, checkpoint_dir): every rank calls it at the same steps; only rank 0 passes a
@@ -64,6 +64,19 @@ def _replica_drift(state: TrainState) -> dict:
     params += [p.detach().double().sum() for p in state.teacher.model.parameters()]
     return {"dist/param_diff": dist.max_rank_difference(torch.stack(params)),
             "dist/class_weight_diff": dist.max_rank_difference(state.weighter.weights().double())}
+
+
+class NonFiniteMetricError(NonFiniteLossError):
+    """A validation mIoU is NaN or inf: the run stops as for a NaN loss (one line, exit 1)."""
+
+
+def _check_finite_miou(metrics: dict, step: int) -> None:
+    # Per-class IoU may be NaN (a class absent from truth and prediction); a mean may not.
+    bad = {k: v for k, v in metrics.items()
+           if "mIoU" in k and k != "val/best_mIoU" and not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise NonFiniteMetricError(f"step {step}: validation mIoU is not finite ({shown})")
 
 
 def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dict:
@@ -202,8 +215,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
             metrics["val/best_mIoU"] = max(best, metrics["val/mIoU"])
             if world > 1:
                 metrics.update(_replica_drift(state))
-            if not all(math.isfinite(v) for k, v in metrics.items() if "mIoU" in k):
-                raise RuntimeError(f"step {step}: validation mIoU is not finite")
+            _check_finite_miou(metrics, step)
             if main:
                 # perf/ is logged every log_every steps above; here it would be logged twice.
                 logger.scalars({k: v for k, v in metrics.items()

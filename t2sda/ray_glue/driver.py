@@ -64,13 +64,28 @@ def _ray_start_address() -> str | None:
         return None
 
 
+# Set to 1 to declare a cluster fixed-size when Ray cannot say whether it autoscales.
+ASSUME_FIXED_ENV = "T2SDA_CLUSTER_FIXED"
+
+
 def _max_resources() -> dict | None:
-    """What an autoscaling cluster may grow to (None for a fixed cluster, e.g. a laptop)."""
+    """What an autoscaling cluster may grow to (None for a fixed cluster, e.g. a laptop).
+
+    Fails closed: if Ray's (internal) answer cannot be read, an autoscaling cluster would look
+    single-node and a node-local --storage would be accepted, so that is an error unless the
+    user declares the cluster fixed-size.
+    """
     try:
         from ray._private.state import state  # Ray Train's own pre-check reads the same
+
         return state.get_max_resources_from_cluster_config()
-    except Exception:  # an older/newer Ray without it: fall back to the present resources
-        return None
+    except Exception as err:
+        if os.environ.get(ASSUME_FIXED_ENV) == "1":
+            return None
+        raise ConfigError(f"cannot read the Ray cluster's autoscaling limits "
+                          f"(ray._private.state.get_max_resources_from_cluster_config: "
+                          f"{_first_line(err)}); if this cluster does not autoscale, set "
+                          f"{ASSUME_FIXED_ENV}=1") from None
 
 
 def capacity(present: dict | None = None, maximum: dict | None = None) -> dict:
