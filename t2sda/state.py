@@ -83,6 +83,18 @@ def uses_pull(cfg: Config) -> bool:
     return cfg.method.pull_weight > 0
 
 
+def adamw_impl(device: torch.device) -> dict[str, bool]:
+    """AdamW implementation flags for `device`: one fused kernel on CUDA, multi-tensor (foreach) elsewhere.
+
+    The fused CUDA kernel updates every parameter in one launch instead of one per tensor; on CPU the
+    fused kernel is not faster than foreach, which batches the per-tensor ops. Both give the same
+    update as the default loop within float tolerance.
+    """
+    if device.type == "cuda":
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=None) -> TrainState:
     """Build everything from ``cfg`` with the model initialised from ``cfg.seed``.
 
@@ -113,7 +125,8 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
     ]
     for group in groups:
         group["initial_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay,
+                                  **adamw_impl(device))
     m = cfg.method
     bank = (
         PrototypeBank(num_classes, cfg.model.proj_dim, momentum=m.proto_momentum, device=device)

@@ -134,3 +134,30 @@ def test_lr_scaling_rules():
     from t2sda.state import lr_scale
 
     assert lr_scale("none", 4) == 1.0 and lr_scale("linear", 4) == 4.0 and lr_scale("sqrt", 4) == 2.0
+
+
+def test_adamw_uses_fused_on_cuda_foreach_on_cpu_and_matches_the_loop(tiny_cfg):
+    from t2sda.data.loaders import build_datasets
+    from t2sda.state import adamw_impl
+
+    assert adamw_impl(torch.device("cuda", 0)) == {"fused": True}
+    assert adamw_impl(torch.device("cpu")) == {"foreach": True}
+    data = build_datasets(tiny_cfg.data, seed=0)
+    state = build_state(tiny_cfg, num_classes=data.num_classes, device=torch.device("cpu"))
+    assert state.optimizer.defaults["foreach"] is True and not state.optimizer.defaults["fused"]
+    # The foreach update equals the per-tensor loop on the same parameters and gradients.
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    start = [p.detach().clone() for p in params]
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    fast = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, **adamw_impl(torch.device("cpu")))
+    loop = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        fast.step()
+        loop.step()
+    for p, q, p0 in zip(params, twins, start, strict=True):
+        assert not torch.allclose(p, p0)  # the step did move the parameters
+        torch.testing.assert_close(p, q)
