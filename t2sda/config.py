@@ -72,7 +72,7 @@ class DataConfig:
     flip: bool = True
     cat_max_ratio: float = 0.75  # re-crop while one class covers more of the crop (1 = off)
     rcs_temperature: float = 0.0  # rare-class sampling of source images (DAFormer 0.01); 0 = off
-    rcs_min_pixels: int = 3000  # an image counts for a class with this many pixels of it
+    rcs_min_pixels: int = 3000  # an image counts for a class with more than this many pixels (DAFormer: >)
     rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it
     num_classes: int = 0  # 0 = all 19; K scores train ids < K only (the rest ignored)
     eval_crop: int = 0  # sliding-window side for validation; 0 = whole image

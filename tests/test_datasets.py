@@ -223,7 +223,7 @@ def test_rare_class_probabilities_and_images():
     pixels = np.array([[900, 0, 100], [800, 50, 150], [1000, 0, 0]])  # 3 images, 3 classes
     prob, images = rcs.class_probabilities(pixels, temperature=0.1, min_pixels=100)
     freq = pixels.sum(0) / pixels.sum()
-    assert [list(i) for i in images] == [[0, 1, 2], [], [0, 1]]
+    assert [list(i) for i in images] == [[0, 1, 2], [], [1]]  # > 100, as DAFormer
     logits = np.array([(1 - freq[0]) / 0.1, -np.inf, (1 - freq[2]) / 0.1])
     want = np.exp(logits - logits.max())
     assert np.allclose(prob, want / want.sum()) and prob[1] == 0 and prob[2] > prob[0]
@@ -387,3 +387,17 @@ def test_digits_source_val_is_held_out_source_scenes(tiny_cfg):
     assert torch.equal(data.source_val[0][0], again.source_val[0][0])  # the same for every run
     none = build_datasets(tiny_cfg.with_overrides({"data.source_val_images": 0}).data, seed=0)
     assert none.source_val is None
+
+
+def test_rare_class_count_is_strictly_above_min_pixels_like_daformer():
+    """An image counts for class c when it holds > min_pixels of c (DAFormer), and a class
+    with no source pixels gets probability 0 even at min_pixels=0 (issue 11 §4)."""
+    pixels = np.array([[100, 5, 0], [50, 101, 0]])
+    prob, images = rcs.class_probabilities(pixels, temperature=0.1, min_pixels=100)
+    assert list(images[0]) == [] and list(images[1]) == [1]  # exactly 100 no longer counts
+    assert prob[0] == 0.0 and prob[1] == 1.0
+    with pytest.raises(ValueError, match="rcs_min_pixels"):
+        rcs.class_probabilities(np.array([[3, 0]]), temperature=0.1, min_pixels=3)
+    prob, images = rcs.class_probabilities(pixels, temperature=0.1, min_pixels=0)
+    assert prob[2] == 0.0 and list(images[2]) == []
+    assert prob[:2].sum() == pytest.approx(1.0)

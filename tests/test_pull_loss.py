@@ -160,3 +160,20 @@ def test_prototype_bank_ema():
     expected = F.normalize(torch.tensor([0.5, 0.5]), dim=0)
     assert torch.allclose(bank.get()[0], expected, atol=1e-6)
     assert bank.get()[1].abs().sum() == 0
+
+
+def test_default_path_on_ungrouped_labels_matches_plain_loop():
+    """num_queries=None with labels not sorted by class (issue 11 §4: was an IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    ql, kl = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (30,), generator=g)
+    got = pull_loss(q, ql, k, kl, temperature=0.2)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    per_class = {}
+    for i in range(len(q)):
+        c = int(ql[i])
+        pos = F.normalize(kn[kl == c].sum(0), dim=0)
+        logits = torch.cat([(qn[i] @ pos)[None], kn[kl != c] @ qn[i]]) / 0.2
+        per_class.setdefault(c, []).append(float(torch.logsumexp(logits, 0) - logits[0]))
+    want = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
+    assert got.item() == pytest.approx(want, rel=1e-5)

@@ -1,9 +1,9 @@
 """Rare-class sampling (DAFormer) and the keyed draws that make crops resumable.
 
 A source draw first picks a class c with probability softmax((1 - f_c) / T) over the
-classes' pixel frequencies f_c, then an image holding at least ``min_pixels`` of c; the crop
-is then retried until it holds some of c (see ``transforms.random_crop``). Low T favours
-rare classes; T -> inf is uniform over classes.
+classes' pixel frequencies f_c, then an image holding more than ``min_pixels`` of c
+(DAFormer's ``>``); the crop is then retried until it holds some of c (see
+``transforms.random_crop``). Low T favours rare classes; T -> inf is uniform over classes.
 
 Samplers here yield keys ``(draw, index, rare_class)``: ``draw`` is the position in the
 global stream, from which the dataset seeds the crop and flip, so a resumed run draws the
@@ -21,14 +21,15 @@ from torch.utils.data import Sampler
 def class_probabilities(pixels: np.ndarray, *, temperature: float, min_pixels: int
                         ) -> tuple[np.ndarray, list[np.ndarray]]:
     """From (N, C [+ 1]) per-image class pixels (an extra last column, ignored pixels, is
-    dropped by the caller): (C,) class probabilities and, per class, the images holding at
-    least ``min_pixels`` of it. Classes without such an image get probability 0."""
+    dropped by the caller): (C,) class probabilities and, per class, the images holding more
+    than ``min_pixels`` of it (DAFormer's ``>``). Classes without such an image get probability
+    0, so a class absent from the source is never drawn, even at ``min_pixels=0``."""
     totals = pixels.sum(axis=0).astype(np.float64)
     freq = totals / max(totals.sum(), 1.0)
-    images = [np.flatnonzero(pixels[:, c] >= min_pixels) for c in range(pixels.shape[1])]
+    images = [np.flatnonzero(pixels[:, c] > min_pixels) for c in range(pixels.shape[1])]
     usable = np.array([len(i) > 0 for i in images])
     if not usable.any():
-        raise ValueError(f"no image holds {min_pixels} pixels of any class (rcs_min_pixels)")
+        raise ValueError(f"no image holds more than {min_pixels} pixels of any class (rcs_min_pixels)")
     logits = np.where(usable, (1.0 - freq) / temperature, -np.inf)
     prob = np.exp(logits - logits[usable].max())
     return prob / prob.sum(), images

@@ -72,6 +72,9 @@ def pull_loss(
     usable = (query_label != ignore_index) & has_positive[query_label.clamp(0, num_classes - 1)]
     picked = sample_index(torch.where(usable, query_label, ignore_index), per_class=num_queries,
                           ignore_index=ignore_index)
+    # Group by class (stable): the per-class rank below needs it, and sample_index only
+    # groups when it samples (num_queries=None keeps pixel order).
+    picked = picked[torch.argsort(query_label[picked], stable=True)]
     if len(picked) == 0:
         return query.sum() * 0.0
     q, q_label = query[picked], query_label[picked]
