@@ -299,8 +299,9 @@ def launch_ray(loop_config: dict, use_gpu: bool) -> None:
     from ray.train.torch import TorchTrainer
 
     started = not ray.is_initialized()
-    if started:  # RAY_ADDRESS, when set, still wins (e.g. the test session's cluster)
-        ray.init(address="local")  # with the dashboard: Ray Train's cleaner needs its state API
+    if started:  # RAY_ADDRESS, when set, wins (e.g. the test session's cluster); else a fresh one
+        # With the dashboard: Ray Train's cleaner needs its state API.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     try:
         if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:  # else the worker waits unplaced
             raise SystemExit("gpu_check: error: the Ray cluster has no GPU (--launcher torch runs "
@@ -402,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(result)
     print(text)
     (out / f"{stem}.md").write_text(text + "\n")
+    failed = [run for run in result["runs"] if "error" in run]
+    if failed and len(failed) == len(result["runs"]):
+        print(f"gpu_check: error: all {len(failed)} configurations failed (first: "
+              f"{failed[0]['model']} {failed[0]['amp']}: {failed[0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 

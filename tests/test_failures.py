@@ -1,5 +1,6 @@
 """Failures the user must see: each one a one-line error or warning, never silence (issue 14 §3)."""
 
+import json
 import logging
 import os
 import subprocess
@@ -101,3 +102,52 @@ def test_unreadable_autoscaling_limits_fail_closed(monkeypatch):
     monkeypatch.setenv(driver.ASSUME_FIXED_ENV, "1")  # the user's explicit override
     assert driver.autoscaling() is False
     assert driver.capacity(present={"CPU": 4}) == {"CPU": 4, "GPU": 0}
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_exits_1_when_every_configuration_failed(tmp_path, monkeypatch, capsys):
+    gpu_check = _gpu_check_module()
+
+    def all_fail(loop_config, device):  # what check() writes when every run raised
+        runs = [{"model": "small_cnn", "amp": amp, "error": "out of memory"} for amp in ("none", "bf16")]
+        Path(loop_config["result"]).write_text(json.dumps({
+            "runs": runs, "launcher": loop_config["launcher"], "device": "cpu",
+            "group": {"backend": "gloo", "world_size": 1, "all_reduce_ok": True}}))
+
+    monkeypatch.setattr(gpu_check, "launch_local", all_fail)
+    monkeypatch.setattr(gpu_check, "table", lambda result: "| table |")  # its layout is not under test
+    code = gpu_check.main(["--cpu-smoke", "--launcher", "torch", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err == ("gpu_check: error: all 2 configurations failed (first: small_cnn none: "
+                   "out of memory)")
+
+
+def test_gpu_check_joins_ray_address(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    gpu_check = _gpu_check_module()
+    seen = []
+
+    def fake_init(**kwargs):
+        seen.append(kwargs.get("address"))
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(SystemExit):
+        gpu_check.launch_ray({}, use_gpu=False)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(SystemExit):
+        gpu_check.launch_ray({}, use_gpu=False)
+    assert seen == ["10.0.0.1:6379", "local"]

@@ -80,3 +80,29 @@ def test_errors(tmp_path, run_dir):
         load_trained(checkpoint_path=bad, config=_cfg())
     with pytest.raises(ConfigError, match="--model"):
         load_trained(run_dir=root, model="ema")
+
+
+def test_evaluate_cli_matches_training_validation(tmp_path, capsys):
+    """evaluate's eval.json = the in-training validation (same code path's numbers) of that checkpoint."""
+    import json
+
+    from t2sda.__main__ import main
+    from t2sda.data.loaders import build_datasets, eval_loader
+    from t2sda.evaluate import evaluate, iou_from_confusion
+
+    cfg = _cfg(**{"data.val_scenes": 24, "data.train_scenes": 8, "data.image_size": 32})
+    cfg.save(tmp_path / "config.json")
+    state = _save(tmp_path / "checkpoints" / "step_5", cfg, step=5, score=1.0, seed=3)
+    assert main(["evaluate", "--run-dir", str(tmp_path), "--model", "both", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    data = build_datasets(cfg.data, seed=cfg.seed)
+    student = state.student.eval()
+    confs = evaluate({"student": student, "teacher": state.teacher}, eval_loader(data.val, batch_size=8),
+                     num_classes=11, device=torch.device("cpu"))
+    for name in ("student", "teacher"):
+        assert report[name]["confusion"] == confs[name].tolist()
+        assert report[name]["mIoU"] == pytest.approx(100 * iou_from_confusion(confs[name])[1].item())
+        assert set(report[name]["IoU"]) == set(data.class_names)
+    assert report["checkpoint"].endswith("step_5") and report["mode"] == "whole"
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["evaluate", "--run-dir", str(tmp_path / "missing")]) == 2

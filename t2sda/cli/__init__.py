@@ -1,0 +1,1 @@
+"""Command modules of ``python -m t2sda``: each holds its argparse arguments and its logic."""
