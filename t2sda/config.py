@@ -141,7 +141,7 @@ class MethodConfig:
     self_training_start: int = 0  # steps of source-only warm-up before adaptation starts
     ema_momentum: float = 0.999
     pseudo_threshold: float = 0.968
-    pseudo_weight: str = "fraction"  # fraction (DAFormer q) | pixel (per-pixel mask)
+    pseudo_weight: str = "fraction"  # batch_fraction (DAFormer: q per batch) | fraction (per image) | pixel
     pseudo_ignore_top: int = 0  # pixels at the top/bottom of target crops ignored (margins)
     pseudo_ignore_bottom: int = 0
     mix: str = "classmix"  # classmix | none (plain pseudo-label CE on the target image)
@@ -176,7 +176,7 @@ class MethodConfig:
         _non_negative("method.self_training_start", self.self_training_start)
         _unit("method.ema_momentum", self.ema_momentum, open_high=True)
         _unit("method.pseudo_threshold", self.pseudo_threshold)
-        _choice("method.pseudo_weight", self.pseudo_weight, ("fraction", "pixel"))
+        _choice("method.pseudo_weight", self.pseudo_weight, ("batch_fraction", "fraction", "pixel"))
         _non_negative("method.pseudo_ignore_top", self.pseudo_ignore_top)
         _non_negative("method.pseudo_ignore_bottom", self.pseudo_ignore_bottom)
         _choice("method.mix", self.mix, ("classmix", "none"))

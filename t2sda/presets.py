@@ -61,8 +61,8 @@ def _daformer_recipe(*, source: str, model: str) -> Config:
             rcs_temperature=0.01, rcs_min_pixels=3000, rcs_min_crop_ratio=0.5,
             eval_crop=512, eval_stride=341, eval_batch_size=1, batch_size=2, num_workers=4),
         model=ModelConfig(name=model, pretrained="timm", proj_dim=128),
-        method=MethodConfig(pseudo_threshold=0.968, pseudo_ignore_top=15, pseudo_ignore_bottom=120,
-                            ema_momentum=0.999, fda_beta=0.01),
+        method=MethodConfig(pseudo_threshold=0.968, pseudo_weight="batch_fraction", pseudo_ignore_top=15,
+                            pseudo_ignore_bottom=120, ema_momentum=0.999, fda_beta=0.01),
         optim=OptimConfig(lr=6e-5, head_lr_mult=10.0, weight_decay=0.01, warmup_iters=1500),
         train=TrainConfig(iters=40000, eval_every=4000, checkpoint_every=4000, log_every=50),
     )

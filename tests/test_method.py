@@ -168,3 +168,16 @@ def test_class_weights_confidence_mode_and_unseen_classes():
     w = weighter.weights()
     assert w[1] > w[0] and w[2] == 1.0 and w[3] == 1.0
     assert w[:2].mean().item() == pytest.approx(1.0)
+
+
+def test_pseudo_weight_batch_fraction_is_one_q_over_the_batch():
+    """DAFormer's dacs.py: q = confident pixels / all pixels of the batch (issue 11 §4)."""
+    logits = torch.zeros(2, 2, 2, 2)
+    logits[0, 0] = 10.0  # image 0: all 4 pixels confident
+    logits[1, 0, 0, 0] = 10.0  # image 1: 1 of 4 confident
+    _, w, _ = pseudo_label(logits, threshold=0.9, weight_mode="batch_fraction")
+    assert torch.allclose(w, torch.full_like(w, 5 / 8))
+    _, w, _ = pseudo_label(logits, threshold=0.9, weight_mode="fraction")
+    assert torch.allclose(w[0], torch.ones(2, 2)) and torch.allclose(w[1], torch.full((2, 2), 0.25))
+    _, w, _ = pseudo_label(logits, threshold=0.9, weight_mode="batch_fraction", ignore_top=1)
+    assert (w[:, 0] == 0).all() and torch.allclose(w[:, 1], torch.full((2, 2), 5 / 8))

@@ -18,8 +18,10 @@ def pseudo_label(
 
     Returns ``label`` (B, H, W) int64 = argmax, ``weight`` (B, H, W) float and ``conf``
     (B, H, W) = max softmax probability. ``weight_mode``:
-      - ``fraction``: every pixel of an image gets q = the fraction of its pixels with
-        conf >= threshold (DAFormer): the whole image counts less when the teacher is unsure.
+      - ``batch_fraction``: every pixel gets q = the fraction of the whole batch's pixels
+        with conf >= threshold (DAFormer's ``dacs.py``: one q per batch).
+      - ``fraction``: the same fraction per image: an unsure image counts less than a sure
+        one in the same batch.
       - ``pixel``: 1 where conf >= threshold, else 0.
     Rows within ``ignore_top`` / ``ignore_bottom`` of the border get weight 0 (DAFormer drops
     the ego-car hood and the rectification border of Cityscapes crops this way).
@@ -27,7 +29,9 @@ def pseudo_label(
     prob = torch.softmax(logits.float(), dim=1)
     conf, label = prob.max(dim=1)
     confident = conf >= threshold
-    if weight_mode == "fraction":
+    if weight_mode == "batch_fraction":
+        weight = torch.full_like(conf, confident.float().mean().item())
+    elif weight_mode == "fraction":
         q = confident.flatten(1).float().mean(dim=1)  # (B,)
         weight = q[:, None, None].expand_as(conf).clone()
     elif weight_mode == "pixel":
