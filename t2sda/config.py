@@ -48,6 +48,10 @@ class DataConfig:
     image_size: int = 64
     train_scenes: int = 4000  # scenes per domain in the cached training pool
     val_scenes: int = 500  # held-out target scenes used for evaluation
+    # Labelled source images held out of training (and of rare-class sampling) for label-free
+    # model selection and feature diagnostics: digits renders them from the held-out digits,
+    # real datasets take those whose relative image path hashes lowest (data/real.py).
+    source_val_images: int = 200
     batch_size: int = 32  # per process (per worker under DDP)
     num_workers: int = 0
     oracle: bool = False  # train on *labelled target* images: the upper bound
@@ -100,8 +104,8 @@ class DataConfig:
             size = getattr(self, f"{key}_size")
             _check(size == "" or self.size(key) is not None, f"data.{key}_size", size,
                    "expected WIDTHxHEIGHT, e.g. 1280x720, or empty")
-        for key in ("crop_size", "rcs_min_pixels", "num_classes", "eval_crop", "eval_stride",
-                    "eval_batch_size", "scan_workers"):
+        for key in ("source_val_images", "crop_size", "rcs_min_pixels", "num_classes", "eval_crop",
+                    "eval_stride", "eval_batch_size", "scan_workers"):
             _non_negative(f"data.{key}", getattr(self, key))
         _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio,
                "must be in (0, 1]")

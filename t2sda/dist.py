@@ -31,6 +31,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average floating ``tensors`` over ranks in place (one flattened all-reduce; no-op alone).
+
+    Used for the teacher's BatchNorm statistics: each rank's student sees its own batch shard, so
+    without this the EMA of its running stats differs between ranks.
+    """
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (picklable objects; identity without a process group)."""
     if not is_distributed():

@@ -63,7 +63,15 @@ def _replica_drift(state: TrainState) -> dict:
     params = [p.detach().double().sum() for p in dist.unwrap(state.student).parameters()]
     params += [p.detach().double().sum() for p in state.teacher.model.parameters()]
     return {"dist/param_diff": dist.max_rank_difference(torch.stack(params)),
+            "dist/buffer_diff": dist.max_rank_difference(_buffer_sums(state)),
             "dist/class_weight_diff": dist.max_rank_difference(state.weighter.weights().double())}
+
+
+def _buffer_sums(state: TrainState) -> torch.Tensor:
+    """One number per floating buffer (BN running stats) of student and teacher, for drift checks."""
+    modules = (dist.unwrap(state.student), state.teacher.model)
+    sums = [b.detach().double().sum() for m in modules for b in m.buffers() if b.dtype.is_floating_point]
+    return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
 
 
 class NonFiniteMetricError(NonFiniteLossError):

@@ -171,7 +171,8 @@ def test_explicit_root_beats_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("T2SDA_GTA5_ROOT", str(tmp_path / "missing"))
     monkeypatch.setenv("T2SDA_CITYSCAPES_ROOT", str(tmp_path / "cs"))
     cfg = Config().with_overrides([
-        "data.name=real", f"data.source_root={tmp_path / 'gta'}", f"data.cache_dir={tmp_path / 'c'}",
+        "data.name=real", f"data.source_root={tmp_path / 'gta'}", "data.source_val_images=0",
+        f"data.cache_dir={tmp_path / 'c'}",
         "data.source_size=", "data.target_size=", "data.val_size=", "data.crop_size=16"])
     data = build_datasets(cfg.data, seed=0)
     assert data.source.root == tmp_path / "gta" and data.val.root == tmp_path / "cs"
@@ -309,7 +310,8 @@ def _digits_in_layouts(tmp_path, cfg):
     write_layout(tmp_path / "cs", layout="cityscapes", domain="target", split="test",
                  num_images=d.val_scenes, seed=10_000, **kw)
     return cfg.with_overrides([
-        "data.name=real", f"data.source_root={tmp_path / 'gta'}", f"data.target_root={tmp_path / 'cs'}",
+        "data.name=real", f"data.source_root={tmp_path / 'gta'}", "data.source_val_images=0",
+        f"data.target_root={tmp_path / 'cs'}",
         "data.source_size=", "data.target_size=", "data.val_size=", "data.crop_size=0",
         "data.flip=false", "data.cat_max_ratio=1", "data.num_classes=11",
         f"data.cache_dir={tmp_path / 'cache'}"])
@@ -342,6 +344,49 @@ def test_digits_through_folder_loaders_train_the_same(tmp_path, tiny_cfg):
     assert a["val/mIoU"] == b["val/mIoU"] and a["val/mIoU_teacher"] == b["val/mIoU_teacher"]
     ious = [[v for k, v in m.items() if k.startswith("val/IoU/")] for m in (a, b)]
     assert ious[0] == ious[1]
+
+
+def test_source_val_split_is_disjoint_order_free_and_outside_rcs(tmp_path):
+    from t2sda.data.real import DataError, split_source_val
+
+    files = [(f"images/{i:03d}.png", f"labels/{i:03d}.png") for i in range(40)]
+    train, held = split_source_val(files, 7)
+    assert len(held) == 7 and not set(train) & set(held) and sorted(train + held) == list(range(40))
+    shuffled = files[::-1]  # the rule follows the paths, not the list order
+    assert {files[i] for i in held} == {shuffled[i] for i in split_source_val(shuffled, 7)[1]}
+    with pytest.raises(DataError, match="data.source_val_images=40"):
+        split_source_val(files, 40)
+
+    make_tree(tmp_path / "gta", "gta5", "train", n=6)
+    make_tree(tmp_path / "cs", "cityscapes", "train")
+    make_tree(tmp_path / "cs", "cityscapes", "val")
+    cfg = Config().with_overrides([
+        "data.name=real", f"data.source_root={tmp_path / 'gta'}", f"data.target_root={tmp_path / 'cs'}",
+        "data.source_val_images=2", f"data.cache_dir={tmp_path / 'c'}", "data.rcs_temperature=0.5",
+        "data.rcs_min_pixels=1", "data.source_size=", "data.target_size=", "data.val_size=",
+        "data.crop_size=16"])
+    data = build_datasets(cfg.data, seed=0)
+    held_files, train_files = set(data.source_val.files), set(data.source.files)
+    assert len(held_files) == 2 and len(train_files) == 4 and not held_files & train_files
+    assert data.source_val.mode == "eval"
+    # Rare-class sampling counts, and draws, only training images.
+    assert len(data.source.class_pixels) == 4
+    sampler = data.source.sampler(seed=0, rank=0, world_size=1, start=0)
+    draws = [key for key, _ in zip(sampler, range(50))]
+    assert {data.source.files[index] for _, index, _ in draws} <= train_files
+
+
+def test_digits_source_val_is_held_out_source_scenes(tiny_cfg):
+    from t2sda.data import digits
+
+    data = build_datasets(tiny_cfg.with_overrides({"data.source_val_images": 3}).data, seed=0)
+    assert len(data.source_val) == 3 and data.source_val.domain == "source"
+    assert data.source_val.split == "test"  # digits never used by the training scenes
+    assert not set(digits.digit_split()[0]) & set(digits.digit_split()[1])
+    again = build_datasets(tiny_cfg.with_overrides({"seed": 5, "data.source_val_images": 3}).data, seed=5)
+    assert torch.equal(data.source_val[0][0], again.source_val[0][0])  # the same for every run
+    none = build_datasets(tiny_cfg.with_overrides({"data.source_val_images": 0}).data, seed=0)
+    assert none.source_val is None
 
 
 def test_rare_class_count_is_strictly_above_min_pixels_like_daformer():

@@ -22,6 +22,8 @@ class Datasets:
     extra_val: dict[str, Dataset] = dataclasses.field(default_factory=dict)
     # Extra mean IoUs over class subsets, e.g. SYNTHIA's mIoU16 / mIoU13: name -> train ids.
     class_subsets: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # Held-out labelled source images (data.source_val_images), never trained on; None if 0.
+    source_val: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -42,7 +44,11 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
         # Validation scenes do not depend on the run's seed: every run is scored on the same set.
         val = digits.DigitScenes(domain="target", split="test", length=cfg.val_scenes,
                                  strength=cfg.strength, seed=10_000, image_size=cfg.image_size)
-        return Datasets(source, target, val, digits.CLASS_NAMES)
+        # Held-out source scenes come from the test digits, so no digit is shared with training.
+        source_val = digits.DigitScenes(domain="source", split="test", length=cfg.source_val_images,
+                                        strength=cfg.strength, seed=20_000,
+                                        image_size=cfg.image_size) if cfg.source_val_images else None
+        return Datasets(source, target, val, digits.CLASS_NAMES, source_val=source_val)
     if cfg.name == "real":
         from t2sda.data import real  # real imports this module
 

@@ -7,6 +7,7 @@ at once with a one-line summary, never half-way through an epoch.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,18 @@ def _checked(cfg: DataConfig, key: str, name: str, root: str, split: str, *, wit
     return files, records
 
 
+def split_source_val(files: list, count: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices into ``files``: the ``count`` images whose relative image path
+    has the lowest SHA-1 are held out. The rule depends on the paths alone, not on list order
+    or the run's seed, so every run and every rank holds out the same images."""
+    if count >= len(files):
+        raise DataError(f"data.source_val_images={count}: the source split has only {len(files)} "
+                        "images; hold out fewer")
+    digest = [hashlib.sha1(image.encode()).hexdigest() for image, _ in files]
+    held = set(sorted(range(len(files)), key=lambda i: (digest[i], files[i][0]))[:count])
+    return [i for i in range(len(files)) if i not in held], sorted(held)
+
+
 def build(cfg: DataConfig, *, seed: int) -> Datasets:
     num_classes = cfg.num_classes or labels.NUM_CLASSES
     common = {"crop": cfg.crop_size, "flip": cfg.flip}
@@ -109,6 +122,11 @@ def build(cfg: DataConfig, *, seed: int) -> Datasets:
     files, records = _checked(cfg, "source", cfg.source, src_root, cfg.source_split,
                               with_labels=True)
     table = folders.table(cfg.source, num_classes=num_classes)
+    train_idx, held_idx = split_source_val(files, cfg.source_val_images)
+    source_val = FolderDataset(cfg.source, src_root, [files[i] for i in held_idx], mode="eval",
+                               scale=cfg.size("source"), table=table) if held_idx else None
+    # Held-out images are neither trained on nor counted by rare-class sampling.
+    files, records = [files[i] for i in train_idx], [records[i] for i in train_idx]
     source = FolderDataset(
         cfg.source, src_root, files, mode="train", table=table, scale=cfg.size("source"),
         cat_max_ratio=cfg.cat_max_ratio, seed=seed * 3, **common,
@@ -139,5 +157,5 @@ def build(cfg: DataConfig, *, seed: int) -> Datasets:
     if cfg.source == "synthia" and num_classes == labels.NUM_CLASSES:
         subsets = {"mIoU16": labels.SYNTHIA_16, "mIoU13": labels.SYNTHIA_13}
     return Datasets(source, target, vals.pop(names[0]), labels.CLASS_NAMES[:num_classes],
-                    extra_val=vals, class_subsets=subsets)
+                    extra_val=vals, class_subsets=subsets, source_val=source_val)
 

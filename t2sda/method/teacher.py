@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from t2sda import dist
+
 
 class EMATeacher(nn.Module):
     """EMA copy of the *unwrapped* student, built before DDP so every rank holds the same one.
@@ -32,8 +34,9 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module, *, momentum: float) -> None:
         """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, buffers included.
 
-        Float buffers (BN running statistics) are averaged like weights; integer ones (BN's
-        batch counter) are copied.
+        Float buffers (BN running statistics) are averaged like weights, then averaged over DDP
+        ranks (each rank's student BN saw a different batch shard, so they would drift apart);
+        integer ones (BN's batch counter) are copied.
         """
         teacher_params = list(self.model.parameters())
         student_params = [p.detach() for p in student.parameters()]
@@ -43,3 +46,4 @@ class EMATeacher(nn.Module):
                 t_buf.lerp_(s_buf, 1.0 - momentum)
             else:
                 t_buf.copy_(s_buf)
+        dist.all_reduce_mean_([b for b in self.model.buffers() if b.dtype.is_floating_point])
