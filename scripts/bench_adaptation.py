@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# The ablation ladder of METHOD.md: each row adds one T2S-DA piece to the one above.
+# The ablation ladder of docs/METHOD.md: each row adds one T2S-DA piece to the one above.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "source_only": ("source only", ["method.self_training=false", "method.pull_weight=0",
                                     "method.translate=none"]),

@@ -1,6 +1,6 @@
 """Run configuration: nested keyword-only dataclasses, validated on construction.
 
-Every reconstructed choice of the method (see METHOD.md) is a field here, so the search
+Every reconstructed choice of the method (see docs/METHOD.md) is a field here, so the search
 spaces can explore it. Overrides use dotted keys: ``method.pull_temperature=0.1``.
 """
 

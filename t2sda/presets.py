@@ -46,7 +46,7 @@ def digits_hard() -> Config:
 
 
 def _daformer_recipe(*, source: str, model: str) -> Config:
-    """The DAFormer UDA recipe (shared/METHOD.md) on dataset folders: batch 2 of 512² crops
+    """The DAFormer UDA recipe (docs/METHOD.md) on dataset folders: batch 2 of 512² crops
     (GTA5 fitted into 1280x720, SYNTHIA 1280x760, Cityscapes 1024x512), rare-class sampling
     T=0.01, pseudo labels at 0.968 with the DAFormer margins (15 rows at the top, 120 at the
     bottom: rectification border and ego car), EMA 0.999, AdamW 6e-5 (head x10) with 1500

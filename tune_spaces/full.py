@@ -10,7 +10,7 @@ GRACE_PERIOD = 400
 
 
 def define(trial, adaptation_steps: int | None = None) -> None:
-    """lr around the preset's 1e-3; FDA beta small, as small images want (METHOD.md)."""
+    """lr around the preset's 1e-3; FDA beta small, as small images want (docs/METHOD.md)."""
     _knobs.pull(trial)
     _knobs.weights(trial)
     _knobs.teacher(trial, adaptation_steps)
