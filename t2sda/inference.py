@@ -17,7 +17,7 @@ from t2sda import checkpoint
 from t2sda.checkpoint import CheckpointError
 from t2sda.config import Config, ConfigError
 from t2sda.data import digits, labels
-from t2sda.models import build_model
+from t2sda.models import build_model, convert
 
 MODELS = ("student", "teacher", "both")
 _STEP = re.compile(r"^step_(\d+)$")
@@ -107,8 +107,8 @@ def load_trained(*, run_dir: str | Path | None = None, which: str = "best",
             raise ConfigError("--checkpoint needs --config FILE or --preset NAME")
     else:
         raise ConfigError("pass --run-dir DIR, or --checkpoint PATH with --config/--preset")
-    payload = checkpoint.load(path)
     names = class_names(config)
+    payload = _released_payload(path, config, len(names)) or checkpoint.load(path)
     models = {}
     for name in ("student", "teacher") if model == "both" else (model,):
         models[name] = _build_loaded(config, payload, name, path, len(names), torch.device(device))
@@ -135,3 +135,34 @@ def _build_loaded(cfg: Config, payload: dict, name: str, path: Path, num_classes
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: not a {cfg.model.name} checkpoint ({first})") from None
     return segmentor.to(device).eval()
+
+
+def _released_payload(path: Path, cfg: Config, num_classes: int) -> dict | None:
+    """A released DAFormer-family (mmseg) checkpoint file as a t2sda payload, else None.
+
+    Its ``model.*`` / ``ema_model.*`` networks (or the bare ``backbone.*`` + ``decode_head.*``
+    of a non-UDA one) become student / teacher, renamed by t2sda.models.convert and checked
+    key by key and shape by shape against the config's model (built on the meta device).
+    """
+    if not path.is_file() or path.name == checkpoint.STATE_FILE:
+        return None
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a t2sda checkpoint holds more than tensors: checkpoint.load reads it
+        return None
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not convert.is_mmseg_segmentor(state):
+        return None
+    with torch.device("meta"):
+        own = build_model(cfg.model.name, num_classes=num_classes).state_dict()
+    roles = ("student", "teacher") if any(k.startswith("ema_model.") for k in state) else ("student",)
+    models = {}
+    for role in roles:
+        try:
+            converted, source = convert.convert_segmentor(state, role)
+            convert.check_state(own, converted, source, f"checkpoint {path} ({role})")
+        except convert.ConversionError as err:
+            raise CheckpointError(str(err)) from None
+        models[role] = {f"segmentor.{key}": converted[key] for key in own}
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    return {"step": int(meta.get("iter") or 0), "state": models}

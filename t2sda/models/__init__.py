@@ -52,6 +52,7 @@ class Segmentor(nn.Module):
 
 
 # The model modules subclass Segmentor, so they are imported only once it exists.
+from t2sda.models import convert  # noqa: E402
 from t2sda.models.daformer import daformer_mitb5  # noqa: E402
 from t2sda.models.deeplabv2 import deeplabv2_r101  # noqa: E402
 from t2sda.models.small import small_cnn  # noqa: E402
@@ -77,14 +78,15 @@ def build_model(name: str, *, num_classes: int, pretrained: str = "") -> Segment
     return model
 
 
-def load_backbone(backbone: nn.Module, path: str | Path) -> None:
-    """Load a timm backbone state dict from ``path`` into ``backbone``, non-strictly.
-
-    Accepts the dict directly or nested under "state_dict" / "model", with "module." (DDP) or
-    "backbone." (a whole Segmentor's state dict) prefixes, and full timm model keys as well as
-    the features_only wrapper's. Logs missing / unexpected key counts; raises if nothing matches.
-    """
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file (.pth/.pt/.bin/.safetensors), or of a HuggingFace model
+    folder's ``model.safetensors`` / ``pytorch_model.bin``, unwrapped from "state_dict" / "model"."""
     path = Path(path)
+    if path.is_dir():
+        files = [path / name for name in ("model.safetensors", "pytorch_model.bin")]
+        if not any(f.is_file() for f in files):
+            raise FileNotFoundError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
+        path = next(f for f in files if f.is_file())
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -98,16 +100,39 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = {_strip_prefixes(k): v for k, v in state.items()}
+    return state
 
+
+def load_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Load a backbone state dict from ``path`` into ``backbone``.
+
+    timm names (full model or features_only, "module." / "backbone." prefixes, i.e. also a whole
+    Segmentor's state dict) load non-strictly: missing / unexpected counts are logged, and it
+    raises if nothing matches. SegFormer's MiT files (mmseg ``mit_b5.pth``, HuggingFace
+    ``segformer.encoder.*``, DAFormer-family ``backbone.*``, the student of a UDA checkpoint)
+    are renamed by :mod:`t2sda.models.convert` and load strictly: every backbone tensor, no
+    unexpected key but the classification / decode heads, every shape equal.
+    """
+    state = convert.select_role(read_state_dict(path))
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    fmt = convert.checkpoint_format(state)
     own = backbone.state_dict()
+    if fmt != "timm":
+        try:
+            state, source = convert.convert_mit(state, fmt)
+            convert.check_state(own, state, source, f"{path} ({fmt} MiT)")
+        except convert.ConversionError as err:
+            raise ValueError(str(err)) from None
+        backbone.load_state_dict(state)
+        log.info("loaded all %d backbone tensors from %s (%s MiT names)", len(state), path, fmt)
+        return
     matched: dict[str, Tensor] = {}
     for key in own:
         # timm's features_only wrapper flattens nested Sequentials ("stages.0" -> "stages_0"),
         # so a checkpoint of the full timm model names the same tensor differently.
-        source = key if key in state else _full_model_key(key)
-        if source in state:
-            matched[key] = state.pop(source)
+        source_key = key if key in state else _full_model_key(key)
+        if source_key in state:
+            matched[key] = state.pop(source_key)
     bad_shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
                   for k, v in matched.items() if v.shape != own[k].shape]
     if bad_shapes:
