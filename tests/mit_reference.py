@@ -1,7 +1,8 @@
 """Reference networks and generated checkpoints in other codebases' formats, for the MiT /
 DAFormer conversion tests and ``scripts/check_mit_equivalence.py``.
 
-Nothing here uses t2sda.models.convert: the SegFormer/mmseg names are produced from the
+Nothing here uses t2sda.models.convert (only ``stage_errors`` calls the loader under test):
+the SegFormer/mmseg names are produced from the
 HuggingFace hub names by an independent inverse map, and DAFormer's head by its layer list.
 """
 
@@ -87,6 +88,27 @@ def mmseg_from_hub(hub: dict[str, Tensor]) -> dict[str, Tensor]:
 def hub_stage_features(model, image: Tensor) -> list[Tensor]:
     with torch.no_grad():
         return list(model.segformer(image, output_hidden_states=True).hidden_states)
+
+
+def stage_errors(name: str, fmt: str, image: Tensor, tmp: Path) -> list[float]:
+    """Max abs difference per stage between transformers' SegFormer ``name`` and the timm
+    encoder loaded through t2sda's ``load_backbone`` from the same weights saved as ``fmt``:
+    "hf" (a save_pretrained folder, as downloaded from the hub) or "mmseg" (``mit_b*.pth``)."""
+    from t2sda.models import load_backbone
+
+    hf = segformer(name)
+    path = tmp / f"{name}_hub"
+    hub = hub_state(hf, path)
+    if fmt == "mmseg":
+        path = tmp / f"{name}.pth"
+        torch.save({"state_dict": mmseg_from_hub(hub)}, path)
+    backbone = timm_backbone(name)
+    load_backbone(backbone, path)
+    with torch.no_grad():
+        ours = backbone(image)
+    theirs = hub_stage_features(hf, image)
+    assert [o.shape for o in ours] == [t.shape for t in theirs]
+    return [(o - t).abs().max().item() for o, t in zip(ours, theirs, strict=True)]
 
 
 # DAFormer's DAFormerHead with the daformer_sepaspp_mitb5 fusion, as mmseg names its tensors.

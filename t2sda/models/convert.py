@@ -212,16 +212,29 @@ def convert_segmentor(state: State, role: str = "student") -> tuple[State, dict[
     out, mit_source = convert_mit(backbone, "mmseg")
     out = {f"backbone.{k}": v for k, v in out.items()}
     source = {f"backbone.{k}": f"{prefix}backbone.{v}" for k, v in mit_source.items()}
-    for key, value in picked.items():
-        if key.startswith("backbone."):
-            continue
-        new = daformer_head_key(key.removeprefix("decode_head.")) if key.startswith("decode_head.") \
-            else None
+    rest = {k: v for k, v in picked.items() if not k.startswith("backbone.")}
+    unknown = next((k for k in rest if not k.startswith("decode_head.")), None)
+    if unknown is not None:
+        raise ConversionError(f"checkpoint key {prefix + unknown!r} is neither backbone.* nor decode_head.*")
+    head, head_source = convert_daformer_head({k[len("decode_head."):]: v for k, v in rest.items()},
+                                              prefix=f"{prefix}decode_head.")
+    out.update({f"head.{k}": v for k, v in head.items()})
+    source.update({f"head.{k}": v for k, v in head_source.items()})
+    return out, source
+
+
+def convert_daformer_head(state: State, *, prefix: str = "decode_head.") -> tuple[State, dict[str, str]]:
+    """DAFormer's mmseg head tensors (names without ``decode_head.``) as ``DAFormerHead``'s.
+    Returns (state, our name -> theirs, ``prefix`` added back for messages)."""
+    out: State = {}
+    source: dict[str, str] = {}
+    for key, value in state.items():
+        new = daformer_head_key(key)
         if new is None:
-            raise ConversionError(f"checkpoint key {prefix + key!r} does not map onto daformer_mitb5 "
+            raise ConversionError(f"checkpoint key {prefix + key!r} does not map onto DAFormerHead "
                                   "(only DAFormer's sep-ASPP head maps; HRDA/MIC heads do not: load "
                                   "such a checkpoint's backbone with model.pretrained=PATH)")
         if new.startswith("embed.") and new.endswith("weight"):
             value = value[:, :, None, None]  # Linear (out, in) -> 1x1 conv (out, in, 1, 1)
-        out[f"head.{new}"], source[f"head.{new}"] = value, prefix + key
+        out[new], source[new] = value, prefix + key
     return out, source
