@@ -35,7 +35,7 @@ def head_error(size: tuple[int, int]) -> float:
     mmseg_head = {k.removeprefix("decode_head."): v for k, v in state.items()}
     head_state, source = convert.convert_daformer_head(mmseg_head)
     head = DAFormerHead(channels, 19).eval()
-    convert.check_state(head.state_dict(), head_state, source, "DAFormer head")
+    convert.check_state(head.state_dict(), head_state, source)
     head.load_state_dict(head_state)
     features = [torch.randn(1, c, size[0] // 4 // 2**i, size[1] // 4 // 2**i) for i, c in enumerate(channels)]
     with torch.no_grad():

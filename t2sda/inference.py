@@ -153,16 +153,16 @@ def _released_payload(path: Path, cfg: Config, num_classes: int) -> dict | None:
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not convert.is_mmseg_segmentor(state):
         return None
-    with torch.device("meta"):
-        own = build_model(cfg.model.name, num_classes=num_classes).state_dict()
     roles = ("student", "teacher") if any(k.startswith("ema_model.") for k in state) else ("student",)
-    models = {}
-    for role in roles:
-        try:
-            converted, source = convert.convert_segmentor(state, role)
-            convert.check_state(own, converted, source, f"checkpoint {path} ({role})")
-        except convert.ConversionError as err:
-            raise CheckpointError(str(err)) from None
-        models[role] = {f"segmentor.{key}": converted[key] for key in own}
+    try:
+        converted = {role: convert.convert_segmentor(state, role) for role in roles}
+        with torch.device("meta"):  # names and shapes only, no weights in memory
+            own = build_model(cfg.model.name, num_classes=num_classes).state_dict()
+        for seg_state, source in converted.values():
+            convert.check_state(own, seg_state, source)
+    except convert.ConversionError as err:
+        raise CheckpointError(f"checkpoint {path} (DAFormer-family names): {err}") from None
+    models = {role: {f"segmentor.{key}": seg_state[key] for key in own}
+              for role, (seg_state, _) in converted.items()}
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
     return {"step": int(meta.get("iter") or 0), "state": models}

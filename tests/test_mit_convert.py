@@ -116,7 +116,7 @@ def test_daformer_head_matches_daformer_layer_for_layer(tmp_path):
     mmseg_head = {k.removeprefix("decode_head."): v for k, v in state.items() if k.startswith("decode_head.")}
     head_state, source = convert.convert_daformer_head(mmseg_head)
     head = DAFormerHead((32, 64, 160, 256), 19).eval()
-    convert.check_state(head.state_dict(), head_state, source, "head")
+    convert.check_state(head.state_dict(), head_state, source)
     head.load_state_dict(head_state)
     features = [torch.randn(1, c, 32 // s, 48 // s) for c, s in ((32, 1), (64, 2), (160, 4), (256, 8))]
     with torch.no_grad():
@@ -194,7 +194,27 @@ def test_release_checked_against_the_model(edit, message, tmp_path):
     edit(state)
     converted, source = convert.convert_segmentor(state, "student")
     if message is None:
-        convert.check_state(_own_segmentor_state(19), converted, source, "release")
+        convert.check_state(_own_segmentor_state(19), converted, source)
         return
     with pytest.raises(convert.ConversionError, match=message):
-        convert.check_state(_own_segmentor_state(19), converted, source, "release")
+        convert.check_state(_own_segmentor_state(19), converted, source)
+
+
+def test_load_trained_names_the_first_unmapped_release_key(tmp_path):
+    """``evaluate --checkpoint hrda.pth``: an HRDA-style head stops with the key, one line;
+    a state dict that is no mmseg segmentor goes on to t2sda's own checkpoint reader."""
+    from t2sda.checkpoint import CheckpointError
+    from t2sda.inference import load_trained
+    from t2sda.presets import get_preset
+
+    state = {f"model.{k}": v for k, v in _mmseg_segmentor(tmp_path, 19, seed=0).items()}
+    state["model.decode_head.scale_attention.conv_seg.weight"] = torch.zeros(19, 256, 1, 1)
+    torch.save({"meta": {"iter": 10}, "state_dict": state}, tmp_path / "hrda.pth")
+    torch.save(ref.timm_backbone("mit_b0").state_dict(), tmp_path / "timm.pth")
+    config = get_preset("gta2cs_daformer")
+    with pytest.raises(CheckpointError, match="'model.decode_head.scale_attention.conv_seg.weight'"
+                       ".*HRDA/MIC") as err:
+        load_trained(checkpoint_path=tmp_path / "hrda.pth", config=config)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="not a t2sda checkpoint"):
+        load_trained(checkpoint_path=tmp_path / "timm.pth", config=config)

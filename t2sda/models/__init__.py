@@ -120,9 +120,9 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> None:
     if fmt != "timm":
         try:
             state, source = convert.convert_mit(state, fmt)
-            convert.check_state(own, state, source, f"{path} ({fmt} MiT)")
+            convert.check_state(own, state, source)
         except convert.ConversionError as err:
-            raise ValueError(str(err)) from None
+            raise ValueError(f"{path} ({fmt} MiT names): {err}") from None
         backbone.load_state_dict(state)
         log.info("loaded all %d backbone tensors from %s (%s MiT names)", len(state), path, fmt)
         return

@@ -138,18 +138,18 @@ def convert_mit(state: State, fmt: str) -> tuple[State, dict[str, str]]:
     return out, source
 
 
-def check_state(own: State, state: State, source: dict[str, str], what: str) -> None:
+def check_state(own: State, state: State, source: dict[str, str]) -> None:
     """Raise ConversionError (one line) on the first missing key, unexpected key or shape
     mismatch between a converted ``state`` and a module's own state dict ``own``."""
     for key in state:
         if key not in own:
-            raise ConversionError(f"{what}: unexpected key {source.get(key, key)!r} "
+            raise ConversionError(f"unexpected key {source.get(key, key)!r} "
                                   f"(as {key!r}; the model has no such parameter)")
     for key, value in own.items():
         if key not in state:
-            raise ConversionError(f"{what}: missing key {key!r} (the checkpoint has no tensor for it)")
+            raise ConversionError(f"missing key {key!r} (the checkpoint has no tensor for it)")
         if state[key].shape != value.shape:
-            raise ConversionError(f"{what}: key {source.get(key, key)!r} has shape "
+            raise ConversionError(f"key {source.get(key, key)!r} has shape "
                                   f"{tuple(state[key].shape)}, the model's {key!r} has {tuple(value.shape)}")
 
 
