@@ -14,6 +14,7 @@ values); ``agreement`` and ``entropy`` sum over each rank's share of the target 
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -143,8 +144,10 @@ class Monitor:
                                       self.data.num_classes)
             for metric, (mean, values) in results.items():
                 metrics[f"feat/{feature}/{metric}"] = mean
+                # A class absent from the sample has no value: not logged (TB would warn).
                 per_class.update({f"feat/{feature}/{metric}/{c}": v
-                                  for c, v in zip(names, values.tolist(), strict=True)})
+                                  for c, v in zip(names, values.tolist(), strict=True)
+                                  if math.isfinite(v)})
             pixels = torch.cat([feats[d][feature][shown[d].to(self.device)].cpu() for d in feats])
             meta = [[d, names[int(c)]] for d in feats
                     for c in feats[d]["label"][shown[d].to(self.device)].tolist()]
