@@ -127,3 +127,34 @@ def test_train_logs_diagnostics_validators_and_embeddings(tiny_cfg, tmp_path):
     off = train(tiny_cfg.with_overrides(["train.diagnostics=false", "train.validators=false"]),
                 device="cpu", run_dir=tmp_path / "off")
     assert not any(k.startswith(("feat/", "select/")) for k in off)
+
+
+def test_monitor_on_labels_larger_than_images_and_without_source_split(tiny_cfg):
+    """Real-dataset validation labels stay at full size while the image is downscaled."""
+    from types import SimpleNamespace
+
+    from t2sda.monitor import Monitor
+    from t2sda.state import build_state
+
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return [(torch.rand(3, 32, 32, generator=gen), torch.randint(0, 11, (64, 64), generator=gen))
+                for _ in range(n)]
+
+    names = tuple(str(i) for i in range(11))
+    data = SimpleNamespace(source_val=split(3), val=split(4), class_names=names, num_classes=11)
+    state = build_state(tiny_cfg, num_classes=11, device=torch.device("cpu"))
+    monitor = Monitor(data, tiny_cfg, torch.device("cpu"))
+    metrics, per_class, embeddings = monitor(state)
+    first = dict(monitor.index)
+    again, _, _ = monitor(state)
+    assert all(torch.equal(a, b) for a, b in zip(first["target"], monitor.index["target"]))
+    assert again["feat/decoder/cross_domain_cos"] == metrics["feat/decoder/cross_domain_cos"]
+    assert len(embeddings["decoder"][1]) == len(embeddings["decoder"][0]) <= 1000
+    assert set(per_class) >= {f"feat/proj/target_to_source_acc/{c}" for c in names}
+    assert state.student.training  # back in training mode
+    data.source_val = None  # no source split: no feat/, no source_miou; target scores stay
+    metrics, _, _ = Monitor(data, tiny_cfg, torch.device("cpu"))(state)
+    assert not any(k.startswith("feat/") for k in metrics) and "select/source_miou" not in metrics
+    assert {"select/agreement", "select/entropy", "select/snd"} <= set(metrics)

@@ -269,7 +269,10 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def _reporter(metric: str, drawn: list) -> tune.CLIReporter:
     """Tune's progress table with the columns that matter (not 50 per-class IoUs)."""
-    names = sorted({n for t in drawn for n in t.params})
+    # Only parameters every trial draws: Tune's "current best" line looks each column up in
+    # the best trial's config and fails on a conditional one that trial did not draw
+    # (e.g. weight_warmup under a constant schedule). results.csv lists them all.
+    names = sorted(set.intersection(*(set(t.params) for t in drawn))) if drawn else []
     return tune.CLIReporter(
         metric_columns={"step": "step", "val/mIoU": "mIoU",
                         metric: "best mIoU" if metric == "val/best_mIoU" else metric.split("/", 1)[1]},
