@@ -188,14 +188,18 @@ def _logits(model, image, num_classes: int, crop: int, stride: int) -> torch.Ten
     return model(image)[0].float()
 
 
-def with_best(metrics: dict, previous: dict) -> dict:
-    """``select/best_<name>``: each validator's best-so-far (in its direction) carried from the
-    previous evaluation, as ``val/best_mIoU`` is."""
+def with_best(metrics: dict, previous: dict, *, since: int = -1) -> dict:
+    """``select/best_<name>``: each validator's best-so-far (in its direction), as
+    ``val/best_mIoU`` is, over the evaluations after step ``since`` (the source-only warm-up's
+    end): warm-up values are not carried, since every trial of a method search shares them
+    (and an untrained net has the densest, most uncertain predictions). Until then the best is
+    the current value."""
+    carry = previous.get("step", -1) > since
     best = {}
     for name in validators.LABEL_FREE:
         key = f"select/{name}"
         if key in metrics:
-            prev = previous.get(validators.best_key(name))
+            prev = previous.get(validators.best_key(name)) if carry else None
             value = metrics[key]
             best[validators.best_key(name)] = value if prev is None else \
                 validators.better(name, prev, value)

@@ -227,7 +227,8 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
             if monitor is not None:  # feat/ diagnostics and select/ validators
                 extra, per_class, embeddings = monitor(state)
                 metrics.update(extra)
-                metrics.update(with_best(metrics, previous))
+                warmup = cfg.method.self_training_start if cfg.method.self_training else -1
+                metrics.update(with_best(metrics, previous, since=warmup))
             if world > 1:
                 metrics.update(_replica_drift(state))
             _check_finite_miou(metrics, step)

@@ -94,11 +94,14 @@ def test_entropy_and_agreement():
 def test_directions_and_best_so_far():
     assert vd.DIRECTIONS["entropy"] == "min" and vd.DIRECTIONS["snd"] == "max"
     assert "target_miou" not in vd.LABEL_FREE
-    first = {"select/entropy": 0.5, "select/snd": 2.0}
+    first = {"step": 200, "select/entropy": 0.5, "select/snd": 2.0}
     best = with_best(first, {})
     assert best == {"select/best_entropy": 0.5, "select/best_snd": 2.0}
-    second = with_best({"select/entropy": 0.7, "select/snd": 3.0}, best)
+    second = with_best({"select/entropy": 0.7, "select/snd": 3.0}, {"step": 200, **best})
     assert second == {"select/best_entropy": 0.5, "select/best_snd": 3.0}
+    # Warm-up evaluations (step <= since) are not carried into the adaptation phase.
+    after = with_best({"select/entropy": 0.7, "select/snd": 1.0}, {"step": 200, **best}, since=200)
+    assert after == {"select/best_entropy": 0.7, "select/best_snd": 1.0}
 
 
 def test_train_logs_diagnostics_validators_and_embeddings(tiny_cfg, tmp_path):
@@ -112,6 +115,7 @@ def test_train_logs_diagnostics_validators_and_embeddings(tiny_cfg, tmp_path):
         assert 0 <= row["select/agreement"] <= 1 and 0 <= row["select/source_miou"] <= 100
         assert 0 <= row["select/entropy"] <= math.log(11) + 1e-6 and row["select/snd"] > 0
         assert not any(k.count("/") > 2 for k in row if k.startswith("feat/"))  # no per-class
+    # tiny_cfg adapts from step 2: both evaluations (3, 6) count toward the best.
     assert rows[1]["select/best_snd"] == max(r["select/snd"] for r in rows)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

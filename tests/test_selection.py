@@ -91,6 +91,7 @@ def test_unknown_metric_is_a_one_line_usage_error(capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_search_by_a_validator_end_to_end(ray_cluster, tmp_path, capsys):
     from tests.test_tune import TINY_SEARCH
 
