@@ -235,6 +235,10 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only: NHWC memory format (faster convolutions on tensor cores)
     threads: int = 0  # torch CPU threads, 0 = torch's default
     fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
+    # At each evaluation: feature diagnostics feat/... (t2sda/monitor.py) and the label-free
+    # model-selection scores select/... (t2sda/validators.py).
+    diagnostics: bool = True
+    validators: bool = True
 
     def __post_init__(self):
         _non_negative("train.iters", self.iters)

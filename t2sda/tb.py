@@ -49,6 +49,10 @@ class NullLogger:
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         pass
 
+    def embedding(self, tag: str, features: torch.Tensor, metadata: list, header: list,
+                  step: int) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -81,6 +85,12 @@ class TBLogger(NullLogger):
         """(B, 3, H, W) in [0, 1], shown side by side as one image."""
         grid = torch.cat(list(images.float().clamp(0, 1).cpu()), dim=2)
         self.writer.add_image(tag, grid, step)
+
+    def embedding(self, tag: str, features: torch.Tensor, metadata: list, header: list,
+                  step: int) -> None:
+        """Points (n, D) for the projector, one metadata row per point (columns ``header``)."""
+        self.writer.add_embedding(features.float().cpu(), metadata=metadata, metadata_header=header,
+                                  global_step=step, tag=tag)
 
     def flush(self) -> None:
         self.writer.flush()

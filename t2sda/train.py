@@ -20,6 +20,7 @@ from t2sda.config import Config
 from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
 from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
+from t2sda.monitor import Monitor, with_best
 from t2sda.state import TrainState, build_state, uses_pull
 from t2sda.step import NonFiniteLossError, train_step
 from t2sda.tb import NullLogger, TBLogger, colorize
@@ -165,17 +166,18 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
                             world_size=world, start_step=start, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
                for i, dataset in enumerate((data.source, data.target))]
+    monitor = Monitor(data, cfg, device) if cfg.train.diagnostics or cfg.train.validators else None
     state.student.train()
     try:
         # A resumed run that is already complete returns the metrics its checkpoint holds.
-        return _loop(state, streams, data, cfg, device, run_dir, logger, report,
+        return _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor,
                      metrics=dict(payload["metrics"]) if payload is not None else {},
                      ckpt_root=Path(checkpoint_root or run_dir / "checkpoints"))
     finally:
         logger.close()
 
 
-def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics: dict,
+def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *, metrics: dict,
           ckpt_root: Path) -> dict:
     """Steps until ``cfg.train.iters``; returns the last evaluation's metrics."""
     rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
@@ -216,11 +218,17 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
         if evaluate_now:
             # Best-so-far carried through checkpoints: what a search compares, so a trial
             # stopped early and one run to the end are judged alike.
-            best = metrics.get("val/best_mIoU", -math.inf)
+            best, previous = metrics.get("val/best_mIoU", -math.inf), metrics
             metrics = {"step": step, **_validate(state, data, cfg, device),
                        "perf/steps_per_s": total_steps / total_time,
                        "perf/images_per_s": 2 * b * world * total_steps / total_time}
             metrics["val/best_mIoU"] = max(best, metrics["val/mIoU"])
+            per_class, embeddings = {}, {}
+            if monitor is not None:  # feat/ diagnostics and select/ validators
+                extra, per_class, embeddings = monitor(state)
+                metrics.update(extra)
+                warmup = cfg.method.self_training_start if cfg.method.self_training else -1
+                metrics.update(with_best(metrics, previous, since=warmup))
             if world > 1:
                 metrics.update(_replica_drift(state))
             _check_finite_miou(metrics, step)
@@ -228,6 +236,9 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
                 # perf/ is logged every log_every steps above; here it would be logged twice.
                 logger.scalars({k: v for k, v in metrics.items()
                                 if k != "step" and not k.startswith("perf/")}, step)
+                logger.scalars(per_class, step)  # per class: TensorBoard only
+                for feature, (pixels, meta) in embeddings.items():
+                    logger.embedding(f"feat/{feature}", pixels, meta, ["domain", "class"], step)
                 if cfg.train.images_every == 0:
                     _log_images(logger, state, data, cfg, device, step)
                 # Classes absent from both truth and prediction have no IoU: null, not NaN.

@@ -34,6 +34,8 @@ class TrialRow:
     steps: int  # last training step reported
     config: dict | None  # the trial's full resolved config (Config.to_dict())
     error: str | None = None
+    # Best-so-far target mIoU ("target_miou") and label-free validators (t2sda/validators.py).
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def write_results(rows: list[TrialRow], exp_dir: Path, *, metric: str, mode: str, top: int = 5) -> str:
@@ -124,10 +126,12 @@ def _csv_text(rows: list[TrialRow]) -> str:
     names = _param_names(rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["trial_id", "status", "value", "steps", *names, "error"])
+    scores = list(dict.fromkeys(name for row in rows for name in row.scores))
+    writer.writerow(["trial_id", "status", "value", "steps", *scores, *names, "error"])
     for r in rows:
         params = [r.params.get(name, "") for name in names]  # "" where a branch skipped it
-        writer.writerow([r.trial_id, r.status, _blank(r.value), r.steps, *params, _blank(r.error)])
+        writer.writerow([r.trial_id, r.status, _blank(r.value), r.steps,
+                         *(_blank(r.scores.get(name)) for name in scores), *params, _blank(r.error)])
     return out.getvalue()
 
 

@@ -4,8 +4,10 @@ One trial = a small driver function (0.01 CPU) that builds a ``TorchTrainer`` na
 the trial id under the experiment directory and fits it; ``TuneReportCallback`` forwards each
 evaluation to Tune. Optuna (TPE, seeded, define-by-run spaces from ``tune_spaces/``) proposes
 configs behind a concurrency limit; ASHA stops weak trials on the reported training step.
-The search metric is the best-so-far validation mIoU, so stopped and finished trials compare
-fairly.
+The search metric is a best-so-far value, so stopped and finished trials compare fairly: the
+target validation mIoU (``--metric target_miou``, uses target labels) or a label-free validator
+(``--metric snd`` etc., t2sda/validators.py); the end of a search scores every validator as a
+selector against target mIoU (selection.json).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 import tune_spaces
+from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
-from t2sda.ray_glue import driver, report
+from t2sda.ray_glue import driver, report, selection
 from t2sda.ray_glue.storage import check_storage
 
 log = logging.getLogger("t2sda")
@@ -64,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
                    help="Optuna sampler (random: the baseline of scripts/bench_search.py)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--metric", default="target_miou",
+                   help="what ranks trials (and ASHA stops them by): target_miou (uses target "
+                        "labels; default) or a label-free validator: "
+                        + ", ".join(validators.LABEL_FREE))
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per trial from its latest checkpoint")
     return p
@@ -82,6 +89,9 @@ def _check_args(args) -> None:
         raise UsageError(f"--cpus-per-worker {args.cpus_per_worker:g}: must be > 0")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures {args.max_failures}: must be >= 0")
+    if args.metric not in validators.DIRECTIONS:
+        raise UsageError(f"--metric {args.metric}: unknown (choose from "
+                         f"{', '.join(validators.DIRECTIONS)})")
     if args.reduction_factor is not None and args.reduction_factor < 2:
         raise UsageError(f"--reduction-factor {args.reduction_factor}: must be >= 2")
 
@@ -152,10 +162,7 @@ def run(args) -> int:
         return 0
     base = get_preset(args.preset).with_overrides(args.set)
     space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
-    metric = SEARCH_METRIC.get(space.metric)
-    if metric is None:
-        raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
-                         f"(supported: {', '.join(SEARCH_METRIC)})")
+    metric, mode = _search_metric(args.metric, space, base)
     name = args.name or f"{space.name}-{args.preset}"
     num_samples = args.num_samples or space.num_samples
 
@@ -192,7 +199,7 @@ def run(args) -> int:
         searcher = None
     else:
         drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
-        searcher = OptunaSearch(space=space.define, metric=metric, mode=space.mode,
+        searcher = OptunaSearch(space=space.define, metric=metric, mode=mode,
                                 sampler=_sampler(args.sampler, args.seed),
                                 points_to_evaluate=[_defaults(space, base, drawn)])
         # max_t one past the end: a trial that reaches train.iters ends by itself, so its
@@ -205,7 +212,7 @@ def run(args) -> int:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=space.mode,  # the same pair as the searcher's (RAY.md)
+                metric=metric, mode=mode,  # the same pair as the searcher's (RAY.md)
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
                 scheduler=scheduler, num_samples=num_samples, max_concurrent_trials=concurrent,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}"),
@@ -218,7 +225,21 @@ def run(args) -> int:
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
-    return _summarize(grid, space, metric, base, log_root, exp_path, searcher, num_samples)
+    return _summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples)
+
+
+def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
+    """(reported best-so-far key, mode) that ranks trials: the space's own metric for
+    ``target_miou`` (target labels), else the validator's ``select/best_<name>``."""
+    if name != "target_miou":
+        if not base.train.validators:
+            raise UsageError(f"--metric {name}: needs train.validators=true")
+        return validators.best_key(name), validators.DIRECTIONS[name]
+    metric = SEARCH_METRIC.get(space.metric)
+    if metric is None:
+        raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
+                         f"(supported: {', '.join(SEARCH_METRIC)})")
+    return metric, space.mode
 
 
 def _adaptation_steps(base: Config) -> int | None:
@@ -248,9 +269,13 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def _reporter(metric: str, drawn: list) -> tune.CLIReporter:
     """Tune's progress table with the columns that matter (not 50 per-class IoUs)."""
-    names = sorted({n for t in drawn for n in t.params})
+    # Only parameters every trial draws: Tune's "current best" line looks each column up in
+    # the best trial's config and fails on a conditional one that trial did not draw
+    # (e.g. weight_warmup under a constant schedule). results.csv lists them all.
+    names = sorted(set.intersection(*(set(t.params) for t in drawn))) if drawn else []
     return tune.CLIReporter(
-        metric_columns={"step": "step", "val/mIoU": "mIoU", metric: "best mIoU"},
+        metric_columns={"step": "step", "val/mIoU": "mIoU",
+                        metric: "best mIoU" if metric == "val/best_mIoU" else metric.split("/", 1)[1]},
         parameter_columns={n: n.rsplit(".", 1)[-1] for n in names},
         sort_by_metric=True, max_report_frequency=30)  # metric/mode come from TuneConfig
 
@@ -263,7 +288,7 @@ def _check_experiment(exp_dir: Path, *, resume: bool) -> None:
                          "choose another --name")
 
 
-def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: str,
+def _summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, exp_path: str,
                searcher, num_samples: int) -> int:
     rows = []
     # Tune's saved status per trial: after a Ctrl-C the live grid calls unfinished trials
@@ -285,16 +310,18 @@ def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: 
             steps=int((result.metrics or {}).get("step") or 0),
             config=config,
             error=_first_line(result.error) if result.error else None,
+            scores=_scores(result.metrics or {}),
         ))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(report.write_results(rows, out_dir, metric=metric, mode=space.mode))
+    print(report.write_results(rows, out_dir, metric=metric, mode=mode))
+    print(selection.write_selection(rows, out_dir, report._atomic_write))
     study = _study(searcher, exp_path)
     if study is not None:
         print(report.format_importances(report.importances(study, out_dir)))
     if "://" in exp_path:  # results beside the trials in the bucket
         import pyarrow.fs
         pyarrow.fs.copy_files(str(out_dir), exp_path)
-    print(f"results: {out_dir}/results.csv, best_config.json, summary.png\n"
+    print(f"results: {out_dir}/results.csv, best_config.json, summary.png, selection.json\n"
           f"train the best: python -m t2sda train --config {out_dir}/best_config.json\n"
           f"TensorBoard:    tensorboard --logdir {exp_path}")
     unfinished = len(rows) < num_samples or any(r.status not in ("TERMINATED", "ERROR") for r in rows)
@@ -302,6 +329,16 @@ def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: 
         print(f"the search stopped before its {num_samples} trials ended; continue it with the "
               "same command plus --resume")
     return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1
+
+
+def _scores(metrics: dict) -> dict[str, float]:
+    """A trial's last report -> best-so-far target mIoU and validators, by validator name."""
+    out = {}
+    for name in validators.DIRECTIONS:
+        value = metrics.get(validators.best_key(name))
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 def _study(searcher, exp_path: str):
