@@ -285,6 +285,10 @@ def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: 
             steps=int((result.metrics or {}).get("step") or 0),
             config=config,
             error=_first_line(result.error) if result.error else None,
+            run_dir=f"{exp_path}/train-{trial_id}",
+            # Checkpoints in a bucket are not listed here; evaluate reads local dirs.
+            checkpoint=None if "://" in exp_path else report.best_checkpoint(
+                Path(exp_path) / f"train-{trial_id}"),
         ))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(report.write_results(rows, out_dir, metric=metric, mode=space.mode))
