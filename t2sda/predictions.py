@@ -150,13 +150,13 @@ def legend(class_names: tuple[str, ...], path: Path, *, row: int = 20) -> None:
     from PIL import ImageDraw
 
     colours = palette(len(class_names)).numpy()
-    width = 40 + 8 * max(len(n) for n in class_names) + 16
+    width = 40 + 7 * max(len(n) for n in class_names) + 60
     image = Image.new("RGB", (width, row * len(class_names) + 8), "white")
     draw = ImageDraw.Draw(image)
     for i, name in enumerate(class_names):
         y = 4 + i * row
         draw.rectangle([4, y + 2, 32, y + row - 2], fill=tuple(int(c) for c in colours[i]), outline="black")
-        draw.text((40, y + 4), f"{i} {name}", fill="black")
+        draw.text((40, y + 4), f"{name}  (id {i})", fill="black")
     image.save(path)
 
 

@@ -128,7 +128,7 @@ def _table(results: dict, class_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _val_data(cfg: Config):
+def val_data(cfg: Config):
     """(val dataset, class names, class subsets): the first of the run's val sets alone."""
     if cfg.data.name == "digits":
         from t2sda.data import digits
@@ -210,7 +210,7 @@ def main(args) -> int:
     tta, flip = tta_from_args(args)
     out = _out_dir(args)
     cfg = trained.config
-    dataset, class_names, subsets = _val_data(cfg)
+    dataset, class_names, subsets = val_data(cfg)
     targets = _prediction_paths(args, dataset, list(trained.models))
     loader = eval_loader(dataset, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size)
     k = len(class_names)
