@@ -105,7 +105,14 @@ def test_evaluate_cli_matches_training_validation(tmp_path, capsys):
         assert set(report[name]["IoU"]) == set(data.class_names)
     assert report["checkpoint"].endswith("step_5") and report["mode"] == "whole"
     assert "mIoU" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "confusion_student.png").read_bytes()[:4] == b"\x89PNG"
+    # TTA of one view (scale 1, no flip) scores exactly as plain inference.
+    assert main(["evaluate", "--run-dir", str(tmp_path), "--device", "cpu", "--tta", "--tta-scales", "1",
+                 "--no-tta-flip", "--out", str(tmp_path / "tta")]) == 0
+    tta = json.loads((tmp_path / "tta" / "eval.json").read_text())
+    assert tta["confusion"] == report["student"]["confusion"] and tta["mode"] == "whole, tta scales 1"
     assert main(["evaluate", "--run-dir", str(tmp_path / "missing")]) == 2
+    assert main(["evaluate", "--run-dir", str(tmp_path), "--tta", "--tta-scales", "0"]) == 2
 
 
 # --- inference helpers (t2sda/predictions.py) ---------------------------------------------
