@@ -1,5 +1,5 @@
 """Inference modes compared on a run's validation set: mIoU and images/s of plain inference
-and test-time augmentation (flip only; mmseg's 6 scales + flip).
+and test-time augmentation (flip only; mmseg's 6 scales, without and with flips).
 
     python scripts/bench_inference.py --run-dir RUN [--images 200] [--device cpu] [--name digits]
 
@@ -21,7 +21,9 @@ from t2sda.evaluate import confusion_matrix
 from t2sda.inference import load_trained
 from t2sda.predictions import TTA_SCALES, mode_name, segment
 
-MODES = {"plain": None, "tta flip": (1.0,), "tta 6 scales + flip": TTA_SCALES}
+# name -> (TTA scales or None for plain inference, flips)
+MODES = {"plain": (None, False), "tta flip": ((1.0,), True), "tta 6 scales": (TTA_SCALES, False),
+         "tta 6 scales + flip": (TTA_SCALES, True)}
 
 
 def main() -> None:
@@ -42,18 +44,19 @@ def main() -> None:
     for _ in eval_loader(dataset, batch_size=64):  # read (and cache) every image before timing
         pass
     rows = []
-    for label_, tta in MODES.items():
+    for label_, (tta, flip) in MODES.items():
         conf = torch.zeros(k, k, dtype=torch.long)
         loader = eval_loader(dataset, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size)
         start = time.perf_counter()
         with torch.no_grad():
             for image, label in loader:
                 pred = segment(model, image.to(args.device), num_classes=k, crop=cfg.data.eval_crop,
-                               stride=cfg.data.eval_stride, size=label.shape[-2:], tta=tta).cpu()
+                               stride=cfg.data.eval_stride, size=label.shape[-2:], tta=tta,
+                               flip=flip).cpu()
                 conf += confusion_matrix(pred, label, k)
         seconds = time.perf_counter() - start
         result = score(conf, names, subsets)
-        inference = mode_name(cfg.data.eval_crop, cfg.data.eval_stride, tta, True)
+        inference = mode_name(cfg.data.eval_crop, cfg.data.eval_stride, tta, flip)
         rows.append({"mode": label_, "inference": inference,
                      "mIoU": result["mIoU"], "images_per_s": len(dataset) / seconds})
     print(f"{'mode':<22}{'mIoU':>8}{'images/s':>10}")
