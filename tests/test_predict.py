@@ -111,6 +111,7 @@ def test_globs_and_overwrite(run_dir, images, tmp_path, capsys):
     (["x.png"], ["--size", "big"], "--size 'big'"),
     (["x.png"], ["--tta", "--tta-scales", "1,a"], "--tta-scales"),
     (["x.png"], ["--format", "cityscapes", "--batch-size", "0"], "--batch-size 0"),
+    (["x.png"], ["--device", "gpu7"], "--device 'gpu7'"),
 ])
 def test_errors_are_one_line_exit_2(run_dir, tmp_path, capsys, inputs, extra, message, monkeypatch):
     monkeypatch.chdir(tmp_path)

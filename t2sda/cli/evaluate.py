@@ -74,7 +74,12 @@ def load_from_args(args):
                                                                  ).is_file() else None
     if cfg is not None and args.set:
         cfg = cfg.with_overrides(args.set)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:0 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
     return load_trained(run_dir=args.run_dir, which=args.which, checkpoint_path=args.checkpoint,
                         config=cfg, model=args.model, device=device), device
 
