@@ -49,11 +49,12 @@ def test_results_csv_has_one_row_per_trial_and_a_column_per_param(rows, tmp_path
         reader = csv.DictReader(f)
         table = list(reader)
     assert reader.fieldnames == ["trial_id", "status", "value", "steps", "method.pull_temperature",
-                                 "method.weight_schedule", "method.weight_warmup", "error"]
+                                 "method.weight_schedule", "method.weight_warmup", "run_dir",
+                                 "checkpoint", "error"]
     assert [r["trial_id"] for r in table] == [r.trial_id for r in rows]
     assert table[1] == {"trial_id": "t2", "status": "TERMINATED", "value": "63.5", "steps": "1200",
                         "method.pull_temperature": "0.2", "method.weight_schedule": "constant",
-                        "method.weight_warmup": "", "error": ""}
+                        "method.weight_warmup": "", "run_dir": "", "checkpoint": "", "error": ""}
     assert table[3]["value"] == "" and table[3]["error"] == "RuntimeError: step 150: loss is NaN"
     assert table[5]["status"] == "PENDING" and table[5]["value"] == ""
 
@@ -74,8 +75,8 @@ def test_table_ranks_the_top_trials_and_counts_the_rest(rows, tmp_path):
     text = write_results(rows, tmp_path, metric=METRIC, mode="max", top=2)
     lines = text.splitlines()
     assert lines[0] == "top 2 of 3 trials by val/mIoU (max)"
-    assert lines[1].split() == ["rank", "trial", METRIC, "steps", "params"]
-    assert lines[2].split()[:4] == ["1", "t2", "63.5", "1200"]
+    assert lines[1].split() == ["rank", "trial", METRIC, "steps", "checkpoint", "params"]
+    assert lines[2].split()[:5] == ["1", "t2", "63.5", "1200", "-"]
     assert "pull_temperature=0.2 weight_schedule=constant" in lines[2]
     assert lines[3].split()[:4] == ["2", "t1", "60", "1200"]
     assert lines[4] == "2 of 7 trials errored (t4, t5); 2 reported no value"
@@ -169,3 +170,39 @@ def test_report_never_imports_ray():
     code = ("import sys, t2sda.ray_glue.report; "
             "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_trials_name_their_best_checkpoint_and_evaluate_runs_on_it(tmp_path):
+    """A search's trial dir (Ray's checkpoint_*/ beside config.json): results.csv and the table
+    name its best checkpoint, and `evaluate --run-dir` on the trial dir scores that one."""
+    import torch
+
+    from t2sda import checkpoint
+    from t2sda.__main__ import main
+    from t2sda.state import build_state
+
+    exp = tmp_path / "storage" / "search"
+    cfg = get_preset("digits").with_overrides(["data.val_scenes=4", "data.image_size=32"])
+    for trial, scores in (("a1", (3.0, 9.0, 5.0)), ("b2", (4.0,))):
+        run = exp / f"train-{trial}"
+        run.mkdir(parents=True)
+        cfg.save(run / "config.json")
+        state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
+        for i, score in enumerate(scores):
+            ckpt = run / f"checkpoint_2026-01-01_00-00-0{i}.000000"
+            checkpoint.save(ckpt, {"state": state.state_dict(), "step": 10 * (i + 1)}, score=score)
+    rows = [TrialRow(t, "TERMINATED", {"seed": s}, v, 30, cfg.to_dict(), run_dir=str(exp / f"train-{t}"),
+                     checkpoint=report.best_checkpoint(exp / f"train-{t}"))
+            for t, s, v in (("a1", 1, 9.0), ("b2", 2, 4.0))]
+    assert rows[0].checkpoint == str(exp / "train-a1" / "checkpoint_2026-01-01_00-00-01.000000")
+    assert report.best_checkpoint(tmp_path / "nothing") is None
+    text = write_results(rows, exp, metric=METRIC, mode="max")
+    assert "train-a1/checkpoint_2026-01-01_00-00-01.000000" in text.splitlines()[2]
+    hint = f"evaluate the best: python -m t2sda evaluate --run-dir {exp / 'train-a1'}"
+    assert text.splitlines()[-1] == hint
+    with open(exp / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table[1]["checkpoint"] == rows[1].checkpoint and table[1]["run_dir"] == rows[1].run_dir
+    assert main(["evaluate", "--run-dir", str(exp / "train-a1"), "--device", "cpu"]) == 0
+    report_json = json.loads((exp / "train-a1" / "eval" / "eval.json").read_text())
+    assert report_json["checkpoint"] == rows[0].checkpoint and report_json["step"] == 20

@@ -1,7 +1,8 @@
 """``python -m t2sda evaluate``: score a trained model on labelled validation data.
 
 Writes ``eval.json`` (mIoU, IoU per class name, confusion, pixel accuracy, checkpoint, data,
-inference mode) under ``--out`` (default ``<run dir>/eval/``) and prints a per-class table.
+inference mode) and ``confusion.png`` under ``--out`` (default ``<run dir>/eval/``), prints a
+per-class table, and with ``--save-pred DIR`` writes every prediction (t2sda/predictions.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 
 import torch
 
+from t2sda import predictions
 from t2sda.config import Config, ConfigError
 from t2sda.inference import MODELS, load_trained
 from t2sda.presets import PRESETS, get_preset
@@ -35,9 +35,34 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Test-time augmentation and prediction files (shared by evaluate and predict)."""
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the "
+                        "softmax over scales and horizontal flips (mmseg's --aug-test)")
+    parser.add_argument("--tta-scales", default=",".join(f"{s:g}" for s in predictions.TTA_SCALES),
+                        help="comma-separated TTA scales (default %(default)s)")
+    parser.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="add horizontally flipped views to TTA (default on)")
+    parser.add_argument("--format", default="trainids", choices=predictions.FORMATS,
+                        help="raw prediction PNGs: trainids (<name>_trainIds.png) or cityscapes "
+                        "(<name>_labelIds.png, Cityscapes label ids, for the official scripts)")
+    parser.add_argument("--opacity", type=float, default=0.5, help="mask opacity in overlays (0..1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
+
+
+def tta_from_args(args) -> tuple[tuple[float, ...] | None, bool]:
+    if not 0 <= args.opacity <= 1:
+        raise ConfigError(f"--opacity {args.opacity}: must be in [0, 1]")
+    scales = predictions.parse_scales(args.tta_scales)
+    return (scales if args.tta else None), args.tta_flip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     parser.add_argument("--out", help="where eval.json goes (default: <run dir>/eval)")
+    parser.add_argument("--save-pred", metavar="DIR", help="write each prediction: color/, "
+                        "overlay/ and trainIds/ or labelIds/ trees mirroring the images' paths")
+    add_inference_arguments(parser)
 
 
 def load_from_args(args):
@@ -49,7 +74,12 @@ def load_from_args(args):
                                                                  ).is_file() else None
     if cfg is not None and args.set:
         cfg = cfg.with_overrides(args.set)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:0 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
     return load_trained(run_dir=args.run_dir, which=args.which, checkpoint_path=args.checkpoint,
                         config=cfg, model=args.model, device=device), device
 
@@ -61,12 +91,17 @@ def _out_dir(args) -> Path:
         out = Path(args.run_dir) / "eval"
     else:
         raise ConfigError("--out DIR is needed with --checkpoint")
+    return writable(out, "--out")
+
+
+def writable(out: Path, flag: str) -> Path:
+    """``out`` created if needed and probed, or a ConfigError naming ``flag``."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     except OSError as err:
-        raise ConfigError(f"--out {out}: not writable ({err.strerror})") from None
+        raise ConfigError(f"{flag} {out}: not writable ({err.strerror})") from None
     return out
 
 
@@ -98,40 +133,122 @@ def _table(results: dict, class_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def val_data(cfg: Config):
+    """(val dataset, class names, class subsets): the first of the run's val sets alone."""
+    if cfg.data.name == "digits":
+        from t2sda.data import digits
+        from t2sda.data.loaders import digits_val
+
+        return digits_val(cfg.data), digits.CLASS_NAMES, {}
+    from t2sda.data import labels, real
+
+    vals = real.build_val(cfg.data)
+    names = labels.CLASS_NAMES[:cfg.data.num_classes or labels.NUM_CLASSES]
+    return vals[cfg.data.val.split(",")[0]], names, real.class_subsets(cfg.data)
+
+
+def _rel_path(dataset, i: int) -> str:
+    return dataset.files[i][0] if hasattr(dataset, "files") else f"{i:06d}.png"
+
+
+def _original_rgb(dataset, i: int, image: torch.Tensor, size: tuple[int, int]):
+    """(H, W, 3) uint8 image at the label's size: the file itself where there is one."""
+    import numpy as np
+    from PIL import Image
+
+    if hasattr(dataset, "files"):
+        with Image.open(dataset.root / dataset.files[i][0]) as im:
+            pil = im.convert("RGB")
+    else:
+        pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    if pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(pil)
+
+
+def _prediction_paths(args, dataset, model_names) -> list[dict] | None:
+    """Per image, model -> the paths of its files under --save-pred (subfolders per model when
+    there are two); checks that nothing there would be overwritten without --overwrite."""
+    if not args.save_pred:
+        return None
+    root = writable(Path(args.save_pred), "--save-pred")
+    targets = [{m: predictions.output_paths(root / m if len(model_names) > 1 else root,
+                                            _rel_path(dataset, i), args.format)
+                for m in model_names} for i in range(len(dataset))]
+    if not args.overwrite:
+        found = predictions.first_existing(p for t in targets for paths in t.values() for p in paths.values())
+        if found is not None:
+            raise ConfigError(f"--save-pred: {found} exists (pass --overwrite to replace it)")
+    return targets
+
+
+def confusion_png(conf: torch.Tensor, class_names: tuple[str, ...], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (rows: truth, columns: prediction) with class names."""
+    from matplotlib.figure import Figure
+
+    rows = conf.double()
+    norm = (rows / rows.sum(1, keepdim=True).clamp_min(1)).numpy()
+    k = len(class_names)
+    fig = Figure(figsize=(2 + 0.45 * k, 1.5 + 0.45 * k), layout="constrained")
+    ax = fig.subplots()
+    shown = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90)
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    if k <= 25:
+        for r in range(k):
+            for c in range(k):
+                if norm[r, c] >= 0.005:
+                    ax.text(c, r, f"{norm[r, c]:.2f}"[1:] if norm[r, c] < 1 else "1", ha="center",
+                            va="center", fontsize=6, color="white" if norm[r, c] > 0.5 else "black")
+    fig.colorbar(shown, ax=ax, fraction=0.04, label="fraction of the row")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+
+
 def main(args) -> int:
-    from t2sda.data.loaders import build_datasets, eval_loader
-    from t2sda.evaluate import confusion_matrix, predict
+    from t2sda.data.loaders import eval_loader
+    from t2sda.evaluate import confusion_matrix
 
     trained, device = load_from_args(args)
+    tta, flip = tta_from_args(args)
     out = _out_dir(args)
     cfg = trained.config
-    data = build_datasets(cfg.data, seed=cfg.seed)
-    loader = eval_loader(data.val, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size)
-    k = data.num_classes
+    dataset, class_names, subsets = val_data(cfg)
+    targets = _prediction_paths(args, dataset, list(trained.models))
+    loader = eval_loader(dataset, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size)
+    k = len(class_names)
     confs = {name: torch.zeros(k, k, dtype=torch.long) for name in trained.models}
-    mode = f"sliding {cfg.data.eval_crop}/{cfg.data.eval_stride}" if cfg.data.eval_crop else "whole"
-    start, done, total = time.perf_counter(), 0, len(loader.dataset)
+    mode = predictions.mode_name(cfg.data.eval_crop, cfg.data.eval_stride, tta, flip)
+    progress, done = predictions.Progress(len(dataset), "evaluate"), 0
     with torch.no_grad():
         for image, label in loader:
-            image = image.to(device)
             for name, model in trained.models.items():
-                pred = predict(model, image, num_classes=k, crop=cfg.data.eval_crop,
-                               stride=cfg.data.eval_stride, size=label.shape[-2:]).cpu()
+                pred = predictions.segment(model, image.to(device), num_classes=k, crop=cfg.data.eval_crop,
+                                           stride=cfg.data.eval_stride, size=label.shape[-2:], tta=tta,
+                                           flip=flip).cpu()
                 confs[name] += confusion_matrix(pred, label, k)
+                for j in range(len(image)) if targets else ():
+                    rgb = _original_rgb(dataset, done + j, image[j], tuple(label.shape[-2:]))
+                    predictions.write_prediction(targets[done + j][name], rgb,
+                                                 pred[j].numpy().astype("uint8"), num_classes=k,
+                                                 fmt=args.format, opacity=args.opacity)
             done += len(image)
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"\revaluate {done}/{total} images  {rate:.1f} images/s  ETA {(total - done) / rate:.0f} s",
-                  end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    results = {name: score(conf, data.class_names, data.class_subsets) for name, conf in confs.items()}
+            progress.update(len(image))
+    progress.close()
+    results = {name: score(conf, class_names, subsets) for name, conf in confs.items()}
     report = {"checkpoint": str(trained.checkpoint), "step": trained.step, "mode": mode,
               "data": {"val": cfg.data.name if cfg.data.name == "digits" else cfg.data.val,
-                       "roots": cfg.data.val_roots, "split": cfg.data.val_split, "images": total}}
+                       "roots": cfg.data.val_roots, "split": cfg.data.val_split, "images": len(dataset)}}
     if len(results) == 1:
         report.update(next(iter(results.values())))
     else:
         report.update(results)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(_table(results, data.class_names))
-    log.info("wrote %s", out / "eval.json")
+    for name, conf in confs.items():
+        png = out / ("confusion.png" if len(confs) == 1 else f"confusion_{name}.png")
+        confusion_png(conf, class_names, png, f"{name} step {trained.step}: mIoU {results[name]['mIoU']:.2f}")
+    print(_table(results, class_names))
+    log.info("wrote %s%s", out / "eval.json", f" and predictions under {args.save_pred}" if targets else "")
     return 0

@@ -41,9 +41,7 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
         # The oracle learns from labelled target scenes drawn apart from the unlabelled stream.
         source = scenes("target", "train", cfg.train_scenes, 2) if cfg.oracle else \
             scenes("source", "train", cfg.train_scenes, 0)
-        # Validation scenes do not depend on the run's seed: every run is scored on the same set.
-        val = digits.DigitScenes(domain="target", split="test", length=cfg.val_scenes,
-                                 strength=cfg.strength, seed=10_000, image_size=cfg.image_size)
+        val = digits_val(cfg)
         # Held-out source scenes come from the test digits, so no digit is shared with training.
         source_val = digits.DigitScenes(domain="source", split="test", length=cfg.source_val_images,
                                         strength=cfg.strength, seed=20_000,
@@ -54,6 +52,13 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
 
         return real.build(cfg, seed=seed)
     raise ValueError(f"unknown dataset {cfg.name!r}")
+
+
+def digits_val(cfg: DataConfig) -> digits.DigitScenes:
+    """The digits validation scenes alone. They do not depend on the run's seed: every run is
+    scored on the same set."""
+    return digits.DigitScenes(domain="target", split="test", length=cfg.val_scenes,
+                              strength=cfg.strength, seed=10_000, image_size=cfg.image_size)
 
 
 class InfiniteSampler(Sampler[int]):

@@ -142,6 +142,23 @@ def build(cfg: DataConfig, *, seed: int) -> Datasets:
     else:  # domain generalization: the "target" stream is other source images, unlabelled
         target = FolderDataset(cfg.source, src_root, files, mode="images", seed=seed * 3 + 1,
                                table=table, scale=cfg.size("source"), **common)
+    vals = build_val(cfg)
+    names = cfg.val.split(",")
+    return Datasets(source, target, vals.pop(names[0]), labels.CLASS_NAMES[:num_classes],
+                    extra_val=vals, class_subsets=class_subsets(cfg), source_val=source_val)
+
+
+def class_subsets(cfg: DataConfig) -> dict[str, tuple[int, ...]]:
+    """SYNTHIA's mIoU16 / mIoU13 for a 19-class SYNTHIA run, else none."""
+    if cfg.source == "synthia" and (cfg.num_classes or labels.NUM_CLASSES) == labels.NUM_CLASSES:
+        return {"mIoU16": labels.SYNTHIA_16, "mIoU13": labels.SYNTHIA_13}
+    return {}
+
+
+def build_val(cfg: DataConfig) -> dict[str, FolderDataset]:
+    """The labelled validation sets alone (``data.val`` order), checked like the others; what
+    ``evaluate`` scores, without needing the training sets' folders."""
+    num_classes = cfg.num_classes or labels.NUM_CLASSES
     names = cfg.val.split(",")
     roots = cfg.val_roots.split(",") if cfg.val_roots else []
     vals = {}
@@ -153,9 +170,4 @@ def build(cfg: DataConfig, *, seed: int) -> Datasets:
         val_files, _ = _checked(cfg, "val", name, root, cfg.val_split, with_labels=True)
         vals[name] = FolderDataset(name, root, val_files, mode="eval", scale=cfg.size("val"),
                                    table=folders.table(name, num_classes=num_classes))
-    subsets = {}
-    if cfg.source == "synthia" and num_classes == labels.NUM_CLASSES:
-        subsets = {"mIoU16": labels.SYNTHIA_16, "mIoU13": labels.SYNTHIA_13}
-    return Datasets(source, target, vals.pop(names[0]), labels.CLASS_NAMES[:num_classes],
-                    extra_val=vals, class_subsets=subsets, source_val=source_val)
-
+    return vals

@@ -36,6 +36,19 @@ class TrialRow:
     error: str | None = None
     # Best-so-far target mIoU ("target_miou") and label-free validators (t2sda/validators.py).
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    run_dir: str | None = None  # the trial's training run dir (``evaluate --run-dir`` takes it)
+    checkpoint: str | None = None  # its best checkpoint dir by val mIoU, None if none is local
+
+
+def best_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint ``evaluate --run-dir`` would pick (highest val mIoU), None without one."""
+    from t2sda.checkpoint import CheckpointError
+    from t2sda.inference import pick_checkpoint
+
+    try:
+        return str(pick_checkpoint(Path(run_dir), "best"))
+    except CheckpointError:
+        return None
 
 
 def write_results(rows: list[TrialRow], exp_dir: Path, *, metric: str, mode: str, top: int = 5) -> str:
@@ -59,7 +72,10 @@ def write_results(rows: list[TrialRow], exp_dir: Path, *, metric: str, mode: str
     if _param_names(rows):
         fig = _summary_figure(rows, best, metric)
         _atomic_write(exp_dir / "summary.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return _table(ranked[:top], len(ranked), metric, mode) + "\n" + _counts(rows)
+    text = _table(ranked[:top], len(ranked), metric, mode, exp_dir) + "\n" + _counts(rows)
+    if best.checkpoint and best.run_dir:
+        text += f"\nevaluate the best: python -m t2sda evaluate --run-dir {best.run_dir}"
+    return text
 
 
 def _ranked(rows: list[TrialRow], mode: str) -> list[TrialRow]:
@@ -127,11 +143,13 @@ def _csv_text(rows: list[TrialRow]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     scores = list(dict.fromkeys(name for row in rows for name in row.scores))
-    writer.writerow(["trial_id", "status", "value", "steps", *scores, *names, "error"])
+    writer.writerow(["trial_id", "status", "value", "steps", *scores, *names, "run_dir",
+                     "checkpoint", "error"])
     for r in rows:
         params = [r.params.get(name, "") for name in names]  # "" where a branch skipped it
         writer.writerow([r.trial_id, r.status, _blank(r.value), r.steps,
-                         *(_blank(r.scores.get(name)) for name in scores), *params, _blank(r.error)])
+                         *(_blank(r.scores.get(name)) for name in scores), *params,
+                         _blank(r.run_dir), _blank(r.checkpoint), _blank(r.error)])
     return out.getvalue()
 
 
@@ -151,17 +169,28 @@ def _compact(params: dict[str, object], short: dict[str, str]) -> str:
     )
 
 
-def _table(shown: list[TrialRow], total: int, metric: str, mode: str) -> str:
+def _where(checkpoint: str | None, exp_dir: Path) -> str:
+    """A checkpoint dir relative to the experiment dir when inside it; "-" when unknown."""
+    if not checkpoint:
+        return "-"
+    path = Path(checkpoint)
+    return path.relative_to(exp_dir).as_posix() if path.is_relative_to(exp_dir) else checkpoint
+
+
+def _table(shown: list[TrialRow], total: int, metric: str, mode: str, exp_dir: Path) -> str:
     short = _short_names(_param_names(shown))
     id_width = max(5, *(len(r.trial_id) for r in shown))
     value_width = max(8, len(metric))
+    where = [_where(r.checkpoint, exp_dir) for r in shown]
+    where_width = max(10, *map(len, where))
     lines = [
         f"top {len(shown)} of {total} trials by {metric} ({mode})",
-        f"{'rank':>4}  {'trial':<{id_width}}  {metric:>{value_width}}  {'steps':>6}  params",
+        f"{'rank':>4}  {'trial':<{id_width}}  {metric:>{value_width}}  {'steps':>6}  "
+        f"{'checkpoint':<{where_width}}  params",
     ]
-    for rank, r in enumerate(shown, 1):
+    for rank, (r, w) in enumerate(zip(shown, where), 1):
         lines.append(f"{rank:>4}  {r.trial_id:<{id_width}}  {r.value:>{value_width}.4g}  "
-                     f"{r.steps:>6}  {_compact(r.params, short)}")
+                     f"{r.steps:>6}  {w:<{where_width}}  {_compact(r.params, short)}")
     return "\n".join(lines)
 
 

@@ -311,6 +311,10 @@ def _summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path,
             config=config,
             error=_first_line(result.error) if result.error else None,
             scores=_scores(result.metrics or {}),
+            run_dir=f"{exp_path}/train-{trial_id}",
+            # Checkpoints in a bucket are not listed here; evaluate reads local dirs.
+            checkpoint=None if "://" in exp_path else report.best_checkpoint(
+                Path(exp_path) / f"train-{trial_id}"),
         ))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(report.write_results(rows, out_dir, metric=metric, mode=mode))
