@@ -6,4 +6,4 @@ cd "$root"
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=25 "$@"

@@ -140,6 +140,9 @@ class MethodConfig:
     self_training: bool = True  # false = source-only
     self_training_start: int = 0  # steps of source-only warm-up before adaptation starts
     ema_momentum: float = 0.999
+    # true: the teacher becomes a copy of the student at the first adaptation step, so the
+    # momentum only acts from there on (and a search can share one source-only warm-up).
+    teacher_reset: bool = False
     pseudo_threshold: float = 0.968
     pseudo_weight: str = "fraction"  # batch_fraction (DAFormer: q per batch) | fraction (per image) | pixel
     pseudo_ignore_top: int = 0  # pixels at the top/bottom of target crops ignored (margins)

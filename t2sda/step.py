@@ -97,6 +97,9 @@ def train_step(
     pull_weight = m.pull_weight * schedules.ramp(step, start=m.self_training_start, length=m.pull_warmup)
     pulling = state.bank is not None and pull_weight > 0
 
+    if adapt and m.teacher_reset and step == m.self_training_start:
+        state.teacher.update(unwrap(state.student), momentum=0.0)  # a copy: EMA acts from here
+
     # 1. Target-like source: same content and labels as x_s, target appearance.
     ref = tgt_img[torch.randperm(b, device=device)]
     src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta, color_space=m.color_space)

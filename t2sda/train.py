@@ -132,11 +132,14 @@ def _log_images(logger, state: TrainState, data, cfg: Config, device, step: int)
 
 def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
           report: Report | None = None, resume: str | Path | None = None,
-          checkpoint_root: str | Path | None = None) -> dict:
+          checkpoint_root: str | Path | None = None, stop_at: int | None = None) -> dict:
     """Train ``cfg`` in ``run_dir``; resume from a checkpoint file or directory if given.
 
     Checkpoints go to ``checkpoint_root`` (default ``run_dir/checkpoints``); under Ray Train it
-    is a scratch directory that Ray persists and prunes. Returns the last evaluation's metrics.
+    is a scratch directory that Ray persists and prunes. ``stop_at`` ends the run early at that
+    step, evaluated and checkpointed, with every schedule still that of ``train.iters`` steps
+    (a search's shared warm-up: its trials resume from there). Returns the last evaluation's
+    metrics.
     """
     device, run_dir = torch.device(device), Path(run_dir)
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -172,20 +175,21 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
         # A resumed run that is already complete returns the metrics its checkpoint holds.
         return _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor,
                      metrics=dict(payload["metrics"]) if payload is not None else {},
-                     ckpt_root=Path(checkpoint_root or run_dir / "checkpoints"))
+                     ckpt_root=Path(checkpoint_root or run_dir / "checkpoints"),
+                     stop=min(cfg.train.iters, cfg.train.iters if stop_at is None else stop_at))
     finally:
         logger.close()
 
 
 def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *, metrics: dict,
-          ckpt_root: Path) -> dict:
-    """Steps until ``cfg.train.iters``; returns the last evaluation's metrics."""
+          ckpt_root: Path, stop: int) -> dict:
+    """Steps until ``stop`` (<= ``cfg.train.iters``); returns the last evaluation's metrics."""
     rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
     metrics_path = run_dir / "metrics.jsonl"
     # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
     window, window_time, window_steps = defaultdict(float), 0.0, 0
     total_time, total_steps = 0.0, 0  # since this (re)start, for the reported perf/ metrics
-    while state.step < cfg.train.iters:
+    while state.step < stop:
         tic = time.perf_counter()
         (src_img, src_label), (tgt_img, _) = (next(s) for s in streams)
         src_img, src_label, tgt_img = (x.to(device, non_blocking=True)
@@ -203,7 +207,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
             window[key] += value
         window_steps += 1
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.iters:
+        if step % cfg.train.log_every == 0 or step == stop:
             means = {k: v / window_steps for k, v in window.items()}
             weights = {k: v for k, v in means.items() if k.startswith("class_weight/")}
             logger.scalars({k: v for k, v in means.items() if k not in weights}, step, "train/")
@@ -212,7 +216,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
             logger.scalar("perf/images_per_s", 2 * b * world * window_steps / window_time, step)
             window, window_time, window_steps = defaultdict(float), 0.0, 0
 
-        save_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.iters
+        save_now = step % cfg.train.checkpoint_every == 0 or step == stop
         # Every checkpoint carries a fresh score: the best ones are kept by val mIoU.
         evaluate_now = step % cfg.train.eval_every == 0 or save_now
         if evaluate_now:

@@ -130,21 +130,24 @@ def has_ray_run(run_dir: Path) -> bool:
 
 def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
             cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
-            storage: str | None = None, placement_retries: int = 0) -> TorchTrainer:
+            storage: str | None = None, placement_retries: int = 0,
+            stop_at: int | None = None, init_from: str | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees).
 
     With ``storage`` a URI (s3://bucket/experiment), Ray keeps the checkpoints there under
     ``run_dir.name``; rank 0 writes its logs to the local ``run_dir`` and copies them beside.
     ``placement_retries``: how many more times (60 s each) Ray Train's controller waits for
     the workers' resources before the run fails (inside a search, a finishing trial's
-    resources may take a moment to come back).
+    resources may take a moment to come back). ``stop_at`` ends the run at that step;
+    ``init_from`` is a checkpoint (path or URI) to start from while the run has none of its own.
     """
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     remote = storage is not None and "://" in storage
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
-                           "sync_to": f"{storage}/{run_dir.name}" if remote else None},
+                           "sync_to": f"{storage}/{run_dir.name}" if remote else None,
+                           "stop_at": stop_at, "init_from": init_from},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -162,18 +165,20 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
     )
 
 
-def fit(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
-        cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
-        storage: str | None = None, placement_retries: int = 0) -> dict:
-    """Run (or resume) training through Ray Train; returns the last evaluation's metrics."""
-    run = trainer(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
-                  cpus_per_worker=cpus_per_worker, max_failures=max_failures, callbacks=callbacks,
-                  storage=storage, placement_retries=placement_retries)
+def fit(cfg: Config, *, run_dir: Path, **options) -> dict:
+    """Run (or resume) training through Ray Train (``options``: those of :func:`trainer`);
+    returns the last evaluation's metrics."""
+    fit_result(cfg, run_dir=run_dir, **options)
+    return last_metrics(run_dir)
+
+
+def fit_result(cfg: Config, *, run_dir: Path, **options) -> ray.train.Result:
+    """:func:`fit`, returning Ray's Result (its ``checkpoint`` is the latest one)."""
+    run = trainer(cfg, run_dir=run_dir, **options)
     try:
-        run.fit()
+        return run.fit()
     except ray.train.TrainingFailedError as err:
         raise _explain(err) from None
-    return last_metrics(run_dir)
 
 
 def last_metrics(run_dir: Path) -> dict:

@@ -31,7 +31,7 @@ import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
-from t2sda.ray_glue import driver, report, selection
+from t2sda.ray_glue import driver, report, selection, shared_warmup
 from t2sda.ray_glue.storage import check_storage
 
 log = logging.getLogger("t2sda")
@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(validators.LABEL_FREE))
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per trial from its latest checkpoint")
+    p.add_argument("--no-shared-warmup", dest="shared_warmup", action="store_false",
+                   help="train every trial's source-only warm-up itself (default: train it once "
+                   "and start every trial that fits from it)")
     return p
 
 
@@ -97,8 +100,10 @@ def _check_args(args) -> None:
 
 
 def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: int,
-           use_gpu: bool, cpus_per_worker: float, max_failures: int) -> None:
-    """One trial: the base config plus the sampled parameters, trained by Ray Train.
+           use_gpu: bool, cpus_per_worker: float, max_failures: int,
+           warmup: dict | None = None) -> None:
+    """One trial: the base config plus the sampled parameters, trained by Ray Train; from the
+    shared warm-up's checkpoint (``warmup``: its config and checkpoint) when the trial fits it.
 
     A bad sampled value or a failed run raises: Tune records the trial as errored and the
     search goes on.
@@ -106,7 +111,10 @@ def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: in
     cfg = Config.from_dict(base).with_overrides(params)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(exp_path) / f"train-{trial_id}"
-    driver.fit(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
+    init_from = None
+    if warmup is not None and shared_warmup.fits(Config.from_dict(warmup["config"]), cfg):
+        init_from = warmup["checkpoint"]
+    driver.fit(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu, init_from=init_from,
                cpus_per_worker=cpus_per_worker, max_failures=max_failures,
                callbacks=[TuneReportCallback()], storage=storage,
                # Up to 10 more minutes for workers: another job on the cluster, or a stopped
@@ -118,7 +126,7 @@ def _defaults(space, base: Config, drawn: list) -> dict:
     """The base config's own value of every searched key that lies inside the space (``drawn``:
     sampled trials showing its ranges): tried first, so the search always holds the default
     as a reference point."""
-    flat = _flatten(base.to_dict())
+    flat = shared_warmup.flatten(base.to_dict())
     point = {}
     for trial in drawn:
         for name, dist in trial.distributions.items():
@@ -130,16 +138,6 @@ def _defaults(space, base: Config, drawn: list) -> dict:
             if inside:
                 point.setdefault(name, value)
     return point
-
-
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _concurrency(args, num_samples: int) -> int:
@@ -183,22 +181,26 @@ def run(args) -> int:
 
     # Each trial writes rank 0's logs to a local path (a URI storage gets them copied).
     log_root = Path(exp_path) if not remote else Path("runs/tune-logs").resolve() / name
+    drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
+    warmup = None
+    if args.shared_warmup:
+        base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
                              storage=exp_path if remote else None,
                              workers=args.workers_per_trial, use_gpu=args.gpu,
-                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures),
+                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                             warmup=warmup),
         # The driver only waits on its TorchTrainer: it takes no CPU (a CPU share, however
         # small, would leave a full CPU short for the last trial's worker), just a token of
         # memory (Tune wants some resource). Tune does not count the Train workers.
         {"cpu": 0, "memory": 64 * 2**20})
-    if args.resume:
+    if args.resume and tune.Tuner.can_restore(exp_path):
         log.info("resuming experiment %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
         searcher = None
     else:
-        drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
         searcher = OptunaSearch(space=space.define, metric=metric, mode=mode,
                                 sampler=_sampler(args.sampler, args.seed),
                                 points_to_evaluate=[_defaults(space, base, drawn)])
@@ -242,6 +244,34 @@ def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
     return metric, space.mode
 
 
+def _shared_warmup(args, base: Config, drawn: list, log_root: Path,
+                   storage: str | None) -> tuple[Config, dict | None]:
+    """Train the source-only warm-up once (or find it done) when the space allows; returns the
+    trials' base config (with ``teacher_reset`` if the space needs it) and the warm-up."""
+    searched = {name for trial in drawn for name in trial.distributions}
+    cfg, why = shared_warmup.plan(base, searched)
+    if cfg is None:
+        log.info("shared warm-up: off, %s", why)
+        return base, None
+    start = cfg.method.self_training_start
+    found = shared_warmup.load_record(log_root, cfg)
+    if found is None:
+        log.info("shared warm-up: training steps 0-%d once for every trial (%s; "
+                 "--no-shared-warmup turns this off)", start, why)
+        result = driver.fit_result(cfg, run_dir=log_root / "warmup", workers=args.workers_per_trial,
+                                   use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                                   max_failures=args.max_failures, storage=storage, stop_at=start)
+        if result.checkpoint is None:
+            raise driver.TrainingFailed(f"shared warm-up in {log_root / 'warmup'}: no checkpoint "
+                                        "was saved; rerun with --no-shared-warmup")
+        name = Path(result.checkpoint.path).name
+        found = f"{storage}/warmup/{name}" if storage else result.checkpoint.path
+        shared_warmup.save_record(log_root, cfg, found, driver.last_metrics(log_root / "warmup"))
+    else:
+        log.info("shared warm-up: reusing %s (step %d)", found, start)
+    return cfg, {"config": cfg.to_dict(), "checkpoint": found}
+
+
 def _adaptation_steps(base: Config) -> int | None:
     """Steps of self-training the preset runs (None for source-only training)."""
     if not base.method.self_training:
@@ -281,7 +311,9 @@ def _reporter(metric: str, drawn: list) -> tune.CLIReporter:
 
 
 def _check_experiment(exp_dir: Path, *, resume: bool) -> None:
-    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+    # Interrupted during its shared warm-up, a search has no Tune state yet: it starts afresh
+    # and the warm-up run resumes from its own latest checkpoint.
+    if resume and not tune.Tuner.can_restore(str(exp_dir)) and not (exp_dir / "warmup").is_dir():
         raise UsageError(f"--resume: no experiment to resume at {exp_dir}")
     if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
         raise UsageError(f"experiment {exp_dir} exists; pass --resume to continue it, or "
@@ -371,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as err:
         print(f"tune.py: error: {err}", file=sys.stderr)
         return 2
+    except driver.TrainingFailed as err:
+        print(f"tune.py: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("tune.py: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -24,7 +24,9 @@ from t2sda.train import train
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """``loop_config``: {"config": Config.to_dict(), "run_dir": absolute path for rank 0's logs,
-    "sync_to": None, or a URI the logs are copied to after each evaluation}.
+    "sync_to": None, or a URI the logs are copied to after each evaluation, "stop_at": None or
+    the step to end at (a shared warm-up), "init_from": None or a checkpoint (path or URI) to
+    start from when the run has none of its own (a search trial after the shared warm-up)}.
 
     Every rank calls ``ray.train.report`` at every evaluation (it is a barrier); rank 0 attaches
     its checkpoint, which Ray copies into the run's storage and scores by val mIoU. After a
@@ -52,15 +54,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     resume_dir = None
-    restored = ray.train.get_checkpoint()
+    restored, start = ray.train.get_checkpoint(), "resuming"
+    if restored is None and loop_config.get("init_from"):
+        restored, start = ray.train.Checkpoint(loop_config["init_from"]), "starting after the shared warm-up"
     try:
         if restored is not None:
             resume_dir = Path(restored.to_directory(tempfile.mkdtemp(prefix="t2sda-resume-")))
             if main:
-                _say(f"resuming from step {checkpoint.meta(resume_dir).get('step')} "
+                _say(f"{start} from step {checkpoint.meta(resume_dir).get('step')} "
                      f"({restored.path})")
         train(cfg, device=device, run_dir=run_dir, report=report, resume=resume_dir,
-              checkpoint_root=scratch)
+              checkpoint_root=scratch, stop_at=loop_config.get("stop_at"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if resume_dir is not None:
