@@ -156,9 +156,12 @@ class StyleRandomizer(nn.Module):
     """Frozen transfer network + style predictor + the painting-style Gaussian, batched.
 
     ``forward(x, generator)``: (B, 3, H, W) in [0, 1] -> restyled images of the same shape.
+    ``downsample=k`` runs the transfer network on a 1/k-resolution copy (area average) and
+    upsamples its output bilinearly (1 = full resolution); the style predictor always sees
+    the full image.
     """
 
-    def __init__(self, alpha: float = 0.5, downsample: int = 0):
+    def __init__(self, alpha: float = 0.5, downsample: int = 1):
         super().__init__()
         self.alpha, self.downsample = alpha, downsample
         self.transformer, self.predictor = StyleTransformer(), StylePredictor()
@@ -198,9 +201,10 @@ class StyleRandomizer(nn.Module):
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
         with amp:
             style = self.embedding(x.float(), generator)
-            small = F.avg_pool2d(x.float(), 2**self.downsample) if self.downsample else x.float()
+            k = self.downsample
+            small = F.avg_pool2d(x.float(), k, ceil_mode=True) if k > 1 else x.float()
             out = self.transformer(small, style)
         out = out.float()
-        if self.downsample:
+        if out.shape[-2:] != x.shape[-2:]:  # downsampled, or sizes not divisible by 4
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return out.clamp_(0.0, 1.0).to(x.dtype)
