@@ -100,12 +100,14 @@ def train_step(
     pulling = state.bank is not None and pull_weight > 0
 
     # 1. Target-like source: same content and labels as x_s, target appearance.
+    use_src_like = m.src_ce_on_translated or pulling
     ref = tgt_img[torch.randperm(b, device=device)]
-    src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta,
-                         color_space=m.color_space, style=state.style)
+    src_like = src_img  # unused unless use_src_like: skip the (style network's) cost
+    if use_src_like:
+        src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta,
+                             color_space=m.color_space, style=state.style)
     if m.translate == "none" and m.src_ce_on_translated:
         src_like = strong_augment(src_img)
-    use_src_like = m.src_ce_on_translated or pulling
 
     # 2. Teacher (no grad): by default the pull's keys on x_s, and pseudo labels on x_t.
     teacher_keys = pulling and m.pull_key_net == "teacher"

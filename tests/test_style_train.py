@@ -49,7 +49,7 @@ def test_folder_missing_a_file_names_it(tiny_cfg, tmp_path):
 
 
 def test_steps_with_style_translation(tiny_cfg, folder):
-    cfg = tiny_cfg.with_overrides([*STYLE, f"method.style_checkpoint={folder}",
+    cfg = tiny_cfg.with_overrides([*STYLE, f"method.style_checkpoint={folder}", "data.image_size=96",
                                    "method.style_downsample=2", "data.batch_size=2"])
     runs = []
     for _ in range(2):  # the same seed twice: the same random styles, the same losses
