@@ -12,7 +12,7 @@ each, ``--jobs`` at a time). Final target mIoU (student, and the teacher beside 
 from each run's metrics.jsonl. Afterwards the step time with and without the pull loss +
 re-weighting (and with style translation / the feature distance added) is measured
 in-process, alone on the machine. Prints a markdown table and writes ``<out>/results.json``
-and ``<out>/results.md``.
+and ``<out>/results.md`` (``--timing-only``: ``<out>/step_time.json``).
 
 Two variants measure cost, not quality, and are not in the default ladder: ``style_random``
 runs ``method.translate=style`` with random weights in the published checkpoint format (the
@@ -183,8 +183,10 @@ def main() -> int:
     files = cost_files(root, args.preset, args.set)
     if args.timing_only:
         timing = step_time(args.preset, args.set, args.timing_steps, files)
-        print(json.dumps({"preset": args.preset, "overrides": args.set, "step_time_ms": timing},
-                         indent=2))
+        payload = {"preset": args.preset, "overrides": args.set, "timing_steps": args.timing_steps,
+                   "command": " ".join(sys.argv), "step_time_ms": timing}
+        print(json.dumps(payload, indent=2))
+        (root / "step_time.json").write_text(json.dumps(payload, indent=2) + "\n")
         return 0
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
