@@ -62,10 +62,12 @@ def cost_files(root: Path, preset: str, extra: list[str], seed: int = 0) -> dict
     from t2sda.models import build_model
     from t2sda.presets import get_preset
 
-    files = {"style": root / "style_random", "init": root / f"init_backbone_seed{seed}.pth"}
+    folder = root / "runs" / "cost_files"  # runs/ folders are not committed
+    files = {"style": folder / "style_random", "init": folder / f"init_backbone_seed{seed}.pth"}
     if not (files["style"] / "checkpoint_embeddings.pth").exists():
         write_random_checkpoint(files["style"], seed)
     if not files["init"].exists():
+        folder.mkdir(parents=True, exist_ok=True)
         cfg = get_preset(preset).with_overrides(extra)
         num_classes = build_datasets(cfg.data, seed=seed).num_classes
         torch.manual_seed(seed)
@@ -182,9 +184,11 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     files = cost_files(root, args.preset, args.set)
     if args.timing_only:
+        load = [os.getloadavg()[0]]
         timing = step_time(args.preset, args.set, args.timing_steps, files)
         payload = {"preset": args.preset, "overrides": args.set, "timing_steps": args.timing_steps,
-                   "command": " ".join(sys.argv), "step_time_ms": timing}
+                   "command": " ".join(sys.argv), "step_time_ms": timing,
+                   "load_average_start_end": [*load, os.getloadavg()[0]], "cpus": os.cpu_count()}
         print(json.dumps(payload, indent=2))
         (root / "step_time.json").write_text(json.dumps(payload, indent=2) + "\n")
         return 0
