@@ -5,12 +5,19 @@
     .venv/bin/python scripts/bench_adaptation.py --variants mean_teacher t2sda --set train.iters=600
     .venv/bin/python scripts/bench_adaptation.py --timing-only --timing-steps 10 \
         --set model.name=deeplabv2_r101 data.batch_size=2 data.image_size=128
+    .venv/bin/python scripts/bench_adaptation.py --variants style_random fd_init --seeds 0
 
 Each (variant, seed) is one ``python -m t2sda train`` run in its own process (one CPU thread
 each, ``--jobs`` at a time). Final target mIoU (student, and the teacher beside it) is read
 from each run's metrics.jsonl. Afterwards the step time with and without the pull loss +
-re-weighting is measured in-process, alone on the machine. Prints a markdown table and writes
-``<out>/results.json`` and ``<out>/results.md``.
+re-weighting (and with style translation / the feature distance added) is measured
+in-process, alone on the machine. Prints a markdown table and writes ``<out>/results.json``
+and ``<out>/results.md`` (``--timing-only``: ``<out>/step_time.json``).
+
+Two variants measure cost, not quality, and are not in the default ladder: ``style_random``
+runs ``method.translate=style`` with random weights in the published checkpoint format (the
+real style-augmentation files cannot be shipped), ``fd_init`` runs DAFormer's feature distance
+toward the seeded initial backbone (the digits model has no ImageNet weights).
 """
 
 from __future__ import annotations
@@ -36,13 +43,48 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "t2sda": ("+ dynamic weights (full T2S-DA)", []),
     "oracle": ("target oracle", ["data.oracle=true", "method.self_training=false",
                                  "method.pull_weight=0", "method.translate=none"]),
+    # Cost only ({style} / {init}: files written under the output folder, see cost_files).
+    "style_random": ("full T2S-DA, style translation, random weights (cost only)",
+                     ["method.translate=style", "method.style_checkpoint={style}"]),
+    "fd_init": ("full T2S-DA + feature distance to the initial backbone (cost only)",
+                ["method.fd_weight=0.005", "model.pretrained={init}"]),
 }
+DEFAULT_VARIANTS = ["source_only", "mean_teacher", "translation", "pull_uniform", "t2sda", "oracle"]
 
 
-def run_one(root: Path, preset: str, variant: str, seed: int, extra: list[str]) -> dict:
+def cost_files(root: Path, preset: str, extra: list[str], seed: int = 0) -> dict[str, str]:
+    """The files the cost-only variants point at: random style weights in the published format,
+    and the preset's backbone at its seeded initialisation (what build_state would create)."""
+    import torch
+
+    from t2sda.data.loaders import build_datasets
+    from t2sda.method.style import write_random_checkpoint
+    from t2sda.models import build_model
+    from t2sda.presets import get_preset
+
+    folder = root / "runs" / "cost_files"  # runs/ folders are not committed
+    files = {"style": folder / "style_random", "init": folder / f"init_backbone_seed{seed}.pth"}
+    if not (files["style"] / "checkpoint_embeddings.pth").exists():
+        write_random_checkpoint(files["style"], seed)
+    if not files["init"].exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = get_preset(preset).with_overrides(extra)
+        num_classes = build_datasets(cfg.data, seed=seed).num_classes
+        torch.manual_seed(seed)
+        model = build_model(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+        torch.save(model.backbone.state_dict(), files["init"])
+    return {name: str(path) for name, path in files.items()}
+
+
+def variant_overrides(variant: str, files: dict[str, str]) -> list[str]:
+    return [o.format(**files) for o in VARIANTS[variant][1]]
+
+
+def run_one(root: Path, preset: str, variant: str, seed: int, extra: list[str],
+            files: dict[str, str]) -> dict:
     run_dir = root / "runs" / f"{variant}-seed{seed}"
     metrics_file = run_dir / "metrics.jsonl"
-    overrides = [*VARIANTS[variant][1], f"seed={seed}", "train.threads=1", *extra]
+    overrides = [*variant_overrides(variant, files), f"seed={seed}", "train.threads=1", *extra]
     if not metrics_file.exists():  # finished runs are kept: re-running resumes the table
         cmd = [sys.executable, "-m", "t2sda", "train", "--preset", preset, "--run-dir",
                str(run_dir), "--set", *overrides]
@@ -58,8 +100,9 @@ def run_one(root: Path, preset: str, variant: str, seed: int, extra: list[str]) 
             "wall_s": float((run_dir / "wall_seconds").read_text())}
 
 
-def step_time(preset: str, extra: list[str], steps: int) -> dict:
-    """ms per adaptation step, one thread, with and without pull loss + re-weighting.
+def step_time(preset: str, extra: list[str], steps: int, files: dict[str, str]) -> dict:
+    """ms per adaptation step, one thread, with and without pull loss + re-weighting, and the
+    full method with style translation (random weights) or the feature distance added.
 
     Both settings train side by side on the same batches, alternating blocks of 5 steps, so
     drifting machine load hits both alike; the median step time of each is reported.
@@ -73,7 +116,9 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
 
     torch.set_num_threads(1)
     settings = {"without": ["method.pull_weight=0", "method.weight_mode=uniform"], "with": [],
-                "with_student_keys": ["method.pull_key_net=student"]}
+                "with_student_keys": ["method.pull_key_net=student"],
+                "with_style": variant_overrides("style_random", files),
+                "with_fd": variant_overrides("fd_init", files)}
     base = get_preset(preset).with_overrides(
         [*extra, "method.self_training_start=0", "method.pull_warmup=0"])
     data = build_datasets(base.data, seed=0)  # the overrides below change the method only
@@ -97,6 +142,8 @@ def step_time(preset: str, extra: list[str], steps: int) -> dict:
     out = {name: 1000 * statistics.median(times) for name, (_, _, times) in runs.items()}
     out["overhead_pct"] = 100 * (out["with"] / out["without"] - 1)
     out["overhead_student_keys_pct"] = 100 * (out["with_student_keys"] / out["without"] - 1)
+    out["style_vs_fda_pct"] = 100 * (out["with_style"] / out["with"] - 1)
+    out["fd_overhead_pct"] = 100 * (out["with_fd"] / out["with"] - 1)
     return out
 
 
@@ -123,7 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every run")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -133,24 +180,32 @@ def main() -> int:
     parser.add_argument("--timing-only", action="store_true",
                         help="only the step-time comparison (e.g. for another --set model.name)")
     args = parser.parse_args()
-    if args.timing_only:
-        timing = step_time(args.preset, args.set, args.timing_steps)
-        print(json.dumps({"preset": args.preset, "overrides": args.set, "step_time_ms": timing},
-                         indent=2))
-        return 0
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    files = cost_files(root, args.preset, args.set)
+    if args.timing_only:
+        load = [os.getloadavg()[0]]
+        timing = step_time(args.preset, args.set, args.timing_steps, files)
+        payload = {"preset": args.preset, "overrides": args.set, "timing_steps": args.timing_steps,
+                   "command": " ".join(sys.argv), "step_time_ms": timing,
+                   "load_average_start_end": [*load, os.getloadavg()[0]], "cpus": os.cpu_count()}
+        print(json.dumps(payload, indent=2))
+        (root / "step_time.json").write_text(json.dumps(payload, indent=2) + "\n")
+        return 0
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(root, args.preset, *job, args.set), jobs))
+        results = list(pool.map(lambda job: run_one(root, args.preset, *job, args.set, files), jobs))
     text, summary = table(results, args.seeds)
-    timing = step_time(args.preset, args.set, args.timing_steps) if args.timing_steps else None
+    timing = step_time(args.preset, args.set, args.timing_steps, files) if args.timing_steps else None
     if timing:
         text += (f"\n\nStep time (1 thread, adaptation phase, median of {args.timing_steps}): "
                  f"{timing['without']:.0f} ms without pull loss + re-weighting, "
                  f"{timing['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %), "
                  f"{timing['with_student_keys']:.0f} ms with keys from the student's own source "
-                 f"pass (`method.pull_key_net=student`, +{timing['overhead_student_keys_pct']:.1f} %).")
+                 f"pass (`method.pull_key_net=student`, +{timing['overhead_student_keys_pct']:.1f} %); "
+                 f"full T2S-DA with style translation (random weights, cost only) "
+                 f"{timing['with_style']:.0f} ms ({timing['style_vs_fda_pct']:+.1f} % vs FDA), with "
+                 f"the feature distance {timing['with_fd']:.0f} ms ({timing['fd_overhead_pct']:+.1f} %).")
     print(text)
     payload = {"preset": args.preset, "seeds": args.seeds, "overrides": args.set,
                "runs": results, "summary": summary, "step_time_ms": timing}

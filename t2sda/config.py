@@ -150,7 +150,12 @@ class MethodConfig:
     mix: str = "classmix"  # classmix | none (plain pseudo-label CE on the target image)
     strong_aug: bool = True  # colour jitter + Gaussian blur on mixed images
     # 1. Target-like source.
-    translate: str = "fda"  # fda | color | none
+    translate: str = "fda"  # fda | color | style | none
+    # translate=style: folder with the style-augmentation release's checkpoint_transformer.pth,
+    # checkpoint_stylepredictor.pth and checkpoint_embeddings.pth (t2sda/method/style.py)
+    style_checkpoint: str = ""
+    style_alpha: float = 0.5  # embedding = alpha * random painting style + (1 - alpha) * own style
+    style_downsample: int = 1  # run the style network at 1/k resolution, then upsample (1 = off)
     fda_beta: float = 0.01  # half-side of the swapped low-frequency square, fraction of side
     color_space: str = "lab"  # lab | rgb, for translate=color
     src_ce_on_translated: bool = True
@@ -168,6 +173,11 @@ class MethodConfig:
     num_queries: int = 256  # per class
     num_negatives: int = 256  # per query
     query_aug: bool = True  # queries from strongly augmented translated images
+    # DAFormer's ImageNet feature distance: student vs frozen pretrained backbone, bottleneck
+    # features of source images, on pixels of these classes (train ids; Cityscapes "things").
+    fd_weight: float = 0.0  # DAFormer 0.005; needs model.pretrained
+    fd_classes: str = "6,7,11,12,13,14,15,16,17,18"
+    fd_min_ratio: float = 0.75  # a feature pixel counts for a class covering >= this of its cell
     # 3. Dynamic class re-weighting.
     weight_mode: str = "iou"  # iou | confidence | uniform
     weight_momentum: float = 0.9
@@ -183,7 +193,17 @@ class MethodConfig:
         _non_negative("method.pseudo_ignore_top", self.pseudo_ignore_top)
         _non_negative("method.pseudo_ignore_bottom", self.pseudo_ignore_bottom)
         _choice("method.mix", self.mix, ("classmix", "none"))
-        _choice("method.translate", self.translate, ("fda", "color", "none"))
+        _choice("method.translate", self.translate, ("fda", "color", "style", "none"))
+        _check(self.translate != "style" or self.style_checkpoint != "", "method.style_checkpoint",
+               self.style_checkpoint, "translate=style needs the folder of the style-augmentation "
+               "release's checkpoints (github.com/philipjackson/style-augmentation, "
+               "styleaug/checkpoints/)")
+        _unit("method.style_alpha", self.style_alpha)
+        _positive("method.style_downsample", self.style_downsample)
+        _non_negative("method.fd_weight", self.fd_weight)
+        _check(all(c.strip().isdigit() for c in self.fd_classes.split(",")), "method.fd_classes",
+               self.fd_classes, "expected comma-separated train ids, e.g. 6,7,11")
+        _unit("method.fd_min_ratio", self.fd_min_ratio)
         _check(0 < self.fda_beta <= 0.5, "method.fda_beta", self.fda_beta, "must be in (0, 0.5]")
         _choice("method.color_space", self.color_space, ("lab", "rgb"))
         _non_negative("method.pull_weight", self.pull_weight)
@@ -264,6 +284,9 @@ class Config:
 
     def __post_init__(self):
         _non_negative("seed", self.seed)
+        _check(self.method.fd_weight == 0 or self.model.pretrained != "", "method.fd_weight",
+               self.method.fd_weight, "the feature distance is to the pretrained backbone: "
+               "set model.pretrained (timm or a checkpoint path) or method.fd_weight=0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

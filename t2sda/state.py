@@ -12,7 +12,9 @@ from t2sda import dist
 from t2sda.config import Config, ConfigError
 from t2sda.dist import unwrap
 from t2sda.method.class_weights import ClassWeighter
+from t2sda.method.feature_distance import FrozenBackbone
 from t2sda.method.pull_loss import PrototypeBank
+from t2sda.method.style import StyleLoadError, StyleRandomizer
 from t2sda.method.teacher import EMATeacher
 from t2sda.models import build_model
 from t2sda.models.proj import ProjectionHead
@@ -26,22 +28,23 @@ class Network(nn.Module):
         self.segmentor = segmentor
         self.proj = proj
 
-    def forward(self, image: torch.Tensor, pick: Callable | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, image: torch.Tensor, pick: Callable | None = None,
+                with_bottleneck: bool = False) -> tuple[torch.Tensor, ...]:
         """image (B, 3, H, W) in [0, 1] -> logits (B, C, h, w) and projected pixels (n, P).
 
         ``pick((h, w)) -> index (n,)`` chooses pixels of the flattened (B*h*w) feature map to
         project; it runs inside forward, once the feature size is known, so the projection
         head is part of the graph DDP sees. Without ``pick`` (or a head) the second output is
-        None.
+        None. ``with_bottleneck`` appends the backbone's last-stage feature (a third output).
         """
-        logits, feature = self.segmentor(image)
-        if pick is None or self.proj is None:
-            return logits, None
-        index = pick(tuple(feature.shape[-2:]))
-        # index_select's backward is an index_add (indexing's would sort the positions).
-        pixels = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
-        return logits, self.proj(pixels)
+        logits, feature, *bottleneck = self.segmentor(image, with_bottleneck=with_bottleneck)
+        projected = None
+        if pick is not None and self.proj is not None:
+            index = pick(tuple(feature.shape[-2:]))
+            # index_select's backward is an index_add (indexing's would sort the positions).
+            pixels = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
+            projected = self.proj(pixels)
+        return (logits, projected, *bottleneck)
 
 
 @dataclasses.dataclass
@@ -53,6 +56,9 @@ class TrainState:
     weighter: ClassWeighter
     num_classes: int
     step: int = 0
+    # Frozen helpers, rebuilt from the config at every start, never checkpointed.
+    style: StyleRandomizer | None = None  # method.translate=style
+    imnet: FrozenBackbone | None = None  # method.fd_weight > 0: the pretrained backbone
 
     def state_dict(self) -> dict:
         return {
@@ -111,9 +117,12 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {first}") from None
     proj = ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim) if uses_pull(cfg) else None
+    # DAFormer's feature distance: a frozen copy of the backbone as loaded (ImageNet weights).
+    imnet = FrozenBackbone(segmentor).to(device) if cfg.method.fd_weight > 0 else None
     network = Network(segmentor, proj).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         network = network.to(memory_format=torch.channels_last)
+        imnet = imnet.to(memory_format=torch.channels_last) if imnet is not None else None
     teacher = EMATeacher(network)
     backbone, head = segmentor.param_groups()
     if proj is not None:
@@ -138,4 +147,18 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
         device=device,
     )
     student = wrap(network) if wrap is not None else network
-    return TrainState(student, teacher, optimizer, bank, weighter, num_classes)
+    return TrainState(student, teacher, optimizer, bank, weighter, num_classes,
+                      style=build_style(cfg, device), imnet=imnet)
+
+
+def build_style(cfg: Config, device: torch.device) -> StyleRandomizer | None:
+    """The frozen style network for ``method.translate=style`` (None otherwise)."""
+    m = cfg.method
+    if m.translate != "style":
+        return None
+    try:
+        style = StyleRandomizer.from_folder(m.style_checkpoint, alpha=m.style_alpha,
+                                            downsample=m.style_downsample)
+    except StyleLoadError as err:
+        raise ConfigError(f"method.style_checkpoint={m.style_checkpoint!r}: {err}") from None
+    return style.to(device)

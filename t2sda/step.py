@@ -1,6 +1,7 @@
 """One T2S-DA training step, in one straight function.
 
-translate -> pseudo-label -> mix -> losses -> one backward -> optimizer -> EMA.
+translate -> pseudo-label -> mix -> losses (CE, mix CE, pull, feature distance) -> one backward
+-> optimizer -> EMA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from t2sda import schedules
 from t2sda.config import Config
 from t2sda.dist import unwrap
+from t2sda.method.feature_distance import feature_distance
 from t2sda.method.mixing import class_mix_mask, mix, strong_augment
 from t2sda.method.pseudo_label import pseudo_label
 from t2sda.method.pull_loss import pull_loss, sample_index
@@ -101,11 +103,14 @@ def train_step(
         state.teacher.update(unwrap(state.student), momentum=0.0)  # a copy: EMA acts from here
 
     # 1. Target-like source: same content and labels as x_s, target appearance.
+    use_src_like = m.src_ce_on_translated or pulling
     ref = tgt_img[torch.randperm(b, device=device)]
-    src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta, color_space=m.color_space)
+    src_like = src_img  # unused unless use_src_like: skip the (style network's) cost
+    if use_src_like:
+        src_like = translate(src_img, ref, mode=m.translate, fda_beta=m.fda_beta,
+                             color_space=m.color_space, style=state.style)
     if m.translate == "none" and m.src_ce_on_translated:
         src_like = strong_augment(src_img)
-    use_src_like = m.src_ce_on_translated or pulling
 
     # 2. Teacher (no grad): by default the pull's keys on x_s, and pseudo labels on x_t.
     teacher_keys = pulling and m.pull_key_net == "teacher"
@@ -152,8 +157,12 @@ def train_step(
         if not teacher_keys:  # keys from the student's own x_s pass, detached below
             groups["key"] = key_group
         picker = _Picker(**groups)
+    feat_dist = state.imnet is not None and m.fd_weight > 0
     with _autocast(device, cfg.train.amp):
-        raw_logits, projected = state.student(torch.cat(student_in), picker)
+        raw_logits, projected, *bottleneck = state.student(torch.cat(student_in), picker,
+                                                           with_bottleneck=feat_dist)
+        if feat_dist:  # DAFormer's ImageNet feature distance on the source images x_s
+            imnet_feature = state.imnet(src_img)
     logits = F.interpolate(raw_logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     parts = logits.split(b)
     losses = {"loss_src": F.cross_entropy(parts[0], src_label, ignore_index=IGNORE)}
@@ -162,6 +171,10 @@ def train_step(
         losses["loss_src"] = 0.5 * (losses["loss_src"] + ce_like)
     if adapt:
         losses["loss_mix"] = _weighted_ce(parts[-1], mix_label, mix_weight)
+    if feat_dist:
+        losses["loss_fd"] = feature_distance(
+            bottleneck[0][:b], imnet_feature, src_label, min_ratio=m.fd_min_ratio,
+            classes=tuple(int(c) for c in m.fd_classes.split(",")), num_classes=state.num_classes)
 
     # 5. Pull target(-like) features toward source prototypes, weighted per class.
     blend = schedules.weight_blend(
@@ -192,6 +205,8 @@ def train_step(
     total = losses["loss_src"] + losses.get("loss_mix", 0.0)
     if "loss_pull" in losses:
         total = total + pull_weight * losses["loss_pull"]
+    if "loss_fd" in losses:
+        total = total + m.fd_weight * losses["loss_fd"]
     for name, value in {**losses, "loss": total}.items():
         if not torch.isfinite(value):
             raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value.item()}")

@@ -121,7 +121,7 @@ def _log_images(logger, state: TrainState, data, cfg: Config, device, step: int)
     logger.images("images/1_source", src, step)
     logger.images("images/2_source_target_like",
                   translate(src, tgt.roll(1, 0), mode=m.translate, fda_beta=m.fda_beta,
-                            color_space=m.color_space), step)
+                            color_space=m.color_space, style=state.style), step)
     logger.images("images/3_target", tgt, step)
     logger.images("images/4_pseudo_label", colorize(predict(state.teacher, tgt, num_classes=c), c),
                   step)

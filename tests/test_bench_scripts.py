@@ -28,3 +28,36 @@ def test_adaptation_table_summarises_per_variant():
 
     for _, overrides in bench.VARIANTS.values():
         get_preset("digits").with_overrides(overrides)
+
+
+def test_translate_bench_writes_table_and_json(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    bench = _load("bench_translate")
+    monkeypatch.setattr(sys, "argv", ["bench_translate.py", "--size", "88", "--repeats", "1",
+                                      "--variants", "fda", "style_downsample2",
+                                      "--out", str(tmp_path)])
+    assert bench.main() == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert set(payload["results"]) == {"fda", "style_downsample2"}
+    assert all(r["median_ms"] > 0 and r["repeats"] == 1 for r in payload["results"].values())
+    assert "| style_downsample2 |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["bench_translate.py", "--repeats", "0"])
+    assert bench.main() == 2
+
+
+def test_adaptation_cost_variants_point_at_loadable_files(tmp_path):
+    import torch
+
+    from t2sda.presets import get_preset
+    from t2sda.state import build_state
+
+    bench = _load("bench_adaptation")
+    files = bench.cost_files(tmp_path, "digits", ["data.train_scenes=8", "data.val_scenes=4"])
+    for variant in ("style_random", "fd_init"):
+        cfg = get_preset("digits").with_overrides(bench.variant_overrides(variant, files))
+        state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
+        assert (state.style is not None) == (variant == "style_random")
+        assert (state.imnet is not None) == (variant == "fd_init")
+    assert "style_random" not in bench.DEFAULT_VARIANTS and "fd_init" not in bench.DEFAULT_VARIANTS

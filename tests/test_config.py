@@ -35,7 +35,7 @@ def test_overrides_coerce_types():
     ("train.iters=1.5", "expected an integer"),
     ("method.self_training=maybe", "expected a boolean"),
     ("method.pull_weight=nan", "expected a finite number"),
-    ("method.translate=cyclegan", "allowed: fda, color, none"),
+    ("method.translate=cyclegan", "allowed: fda, color, style, none"),
     ("method.pull_tempreature=0.1", "unknown config key 'method.pull_tempreature'"),
     ("nosuch.key=1", "unknown config key 'nosuch.key'"),
     ("method=1", "is a section"),

@@ -49,6 +49,15 @@ def test_output_shapes(built: tuple[str, Segmentor]):
     assert feature.shape == (1, model.feature_dim, h, h)
     assert model.feature_dim == FEATURE_DIM[name]
     assert torch.isfinite(logits).all() and torch.isfinite(feature).all()
+    # the bottleneck (feature distance) is the backbone's last stage, from the same forward
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        *same, bottleneck = model(x, with_bottleneck=True)
+        direct = model.backbone(model.normalise(x))[-1]
+    assert len(same) == 2
+    torch.testing.assert_close(bottleneck, direct)
+    assert bottleneck.shape[1] == {"small_cnn": 64, "deeplabv2_r101": 2048,
+                                   "daformer_mitb5": 512}[name]
 
 
 def test_param_groups_partition(built: tuple[str, Segmentor]):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from t2sda.method import style
-from t2sda.method.style import StyleLoadError, StylePredictor, StyleRandomizer, StyleTransformer
+from t2sda.method.style import StyleLoadError, StyleRandomizer
 
 # a few keys and shapes of the published files, written out independently of the modules
 PUBLISHED = {
@@ -18,19 +18,19 @@ PUBLISHED = {
 
 
 def _write(folder: Path, seed: int = 0, drop: str | None = None) -> Path:
-    torch.manual_seed(seed)
-    t, p = StyleTransformer().state_dict(), StylePredictor().state_dict()
+    style.write_random_checkpoint(folder, seed)
+    # the files hold the published wrappers, keys and shapes (checked against the list above)
+    t = torch.load(folder / "checkpoint_transformer.pth")["state_dict_ghiasi"]
+    p = torch.load(folder / "checkpoint_stylepredictor.pth")["state_dict_stylepredictor"]
+    emb = torch.load(folder / "checkpoint_embeddings.pth")
     for key, shape in PUBLISHED["transformer"].items():
         assert tuple(t[key].shape) == shape, key
     for key, shape in PUBLISHED["predictor"].items():
         assert tuple(p[key].shape) == shape, key
+    assert set(emb) == {"pbn_embedding_mean", "pbn_embedding_covariance", "imagenet_embedding_mean"}
     if drop:
         t.pop(drop)
-    cov = torch.randn(100, 100) * 0.1
-    torch.save({"state_dict_ghiasi": t}, folder / "checkpoint_transformer.pth")
-    torch.save({"state_dict_stylepredictor": p}, folder / "checkpoint_stylepredictor.pth")
-    torch.save({"pbn_embedding_mean": torch.randn(1, 100), "pbn_embedding_covariance": cov @ cov.T,
-                "imagenet_embedding_mean": torch.randn(1, 100)}, folder / "checkpoint_embeddings.pth")
+        torch.save({"state_dict_ghiasi": t}, folder / "checkpoint_transformer.pth")
     return folder
 
 
@@ -65,9 +65,18 @@ def test_embedding_is_alpha_mix(randomizer, tmp_path):
     torch.testing.assert_close(cov, stored, atol=1e-4, rtol=1e-4)
 
 
-def test_downsample_keeps_shape(tmp_path):
-    r = StyleRandomizer.from_folder(_write(tmp_path), downsample=1)
-    assert r(torch.rand(1, 3, 80, 80), torch.Generator().manual_seed(0)).shape == (1, 3, 80, 80)
+def test_downsample_runs_both_networks_small_and_keeps_shape(tmp_path):
+    r = StyleRandomizer.from_folder(_write(tmp_path), downsample=2)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+             for m in (r.predictor, r.transformer)]
+    out = r(torch.rand(1, 3, 97, 90), torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 97, 90) and 0 <= out.min() and out.max() <= 1
+    assert seen == [(49, 45), (49, 45)]
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="style_downsample=2"):
+        r(torch.rand(1, 3, 84, 84))  # 42 px after downsampling
 
 
 def test_missing_key_and_file_are_one_line_errors(tmp_path):
@@ -77,3 +86,11 @@ def test_missing_key_and_file_are_one_line_errors(tmp_path):
     with pytest.raises(StyleLoadError, match="file not found.*style-augmentation"):
         StyleRandomizer.from_folder(tmp_path / "nowhere")
     assert style.SOURCE
+
+
+def test_too_small_image_is_a_clear_error(randomizer):
+    with pytest.raises(ValueError, match="at least 43 px"):
+        randomizer(torch.rand(1, 3, 42, 64))
+    assert randomizer(torch.rand(1, 3, 43, 43)).shape == (1, 3, 43, 43)
+    with pytest.raises(RuntimeError), torch.no_grad():  # the bound is the predictor's own
+        randomizer.predictor(torch.rand(1, 3, 42, 42))

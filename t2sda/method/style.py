@@ -26,6 +26,7 @@ FILES = {
     "embeddings": ("checkpoint_embeddings.pth", None),
 }
 SOURCE = "https://github.com/philipjackson/style-augmentation (styleaug/checkpoints/)"
+MIN_SIZE = 43  # the smallest image side the predictor's strided, unpadded stem accepts
 
 
 class StyleLoadError(ValueError):
@@ -156,9 +157,11 @@ class StyleRandomizer(nn.Module):
     """Frozen transfer network + style predictor + the painting-style Gaussian, batched.
 
     ``forward(x, generator)``: (B, 3, H, W) in [0, 1] -> restyled images of the same shape.
+    ``downsample=k`` runs both networks (predictor and transfer network) on a 1/k-resolution
+    copy (area average) and upsamples the output bilinearly (1 = full resolution).
     """
 
-    def __init__(self, alpha: float = 0.5, downsample: int = 0):
+    def __init__(self, alpha: float = 0.5, downsample: int = 1):
         super().__init__()
         self.alpha, self.downsample = alpha, downsample
         self.transformer, self.predictor = StyleTransformer(), StylePredictor()
@@ -195,12 +198,33 @@ class StyleRandomizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if -(-min(x.shape[-2:]) // self.downsample) < MIN_SIZE:
+            raise ValueError(f"style translation needs images of at least {MIN_SIZE} px after "
+                             f"style_downsample={self.downsample} (the Inception style predictor), "
+                             f"got {tuple(x.shape[-2:])}")
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
         with amp:
-            style = self.embedding(x.float(), generator)
-            small = F.avg_pool2d(x.float(), 2**self.downsample) if self.downsample else x.float()
-            out = self.transformer(small, style)
+            k = self.downsample
+            small = F.avg_pool2d(x.float(), k, ceil_mode=True) if k > 1 else x.float()
+            out = self.transformer(small, self.embedding(small, generator))
         out = out.float()
-        if self.downsample:
+        if out.shape[-2:] != x.shape[-2:]:  # downsampled, or sizes not divisible by 4
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return out.clamp_(0.0, 1.0).to(x.dtype)
+
+
+def write_random_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+    """Random weights in the published file format (keys, shapes, wrappers), for tests and
+    cost benchmarks where the real files are absent. Returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    parts = {"transformer": StyleTransformer(), "predictor": StylePredictor()}
+    for part, module in parts.items():
+        name, wrapper = FILES[part]
+        torch.save({wrapper: module.state_dict()}, folder / name)
+    half = torch.randn(EMBED_DIM, EMBED_DIM) * 0.1
+    torch.save({"pbn_embedding_mean": torch.randn(1, EMBED_DIM),
+                "pbn_embedding_covariance": half @ half.T,
+                "imagenet_embedding_mean": torch.randn(1, EMBED_DIM)}, folder / FILES["embeddings"][0])
+    return folder

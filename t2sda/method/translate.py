@@ -1,10 +1,14 @@
-"""Target-like source images x~_s = T(x_s, x_ref): no learned parameters, runs on any device.
+"""Target-like source images x~_s = T(x_s, x_ref), runs on any device.
 
 All images are (B, 3, H, W) floats in [0, 1]; the output keeps the source's content (and so
-its label map) and takes the reference's low-level appearance.
+its label map). fda and color take the reference's low-level appearance (no learned
+parameters); style ignores the reference and randomises the style with the frozen network of
+t2sda/method/style.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -67,13 +71,19 @@ def color_transfer(src: torch.Tensor, ref: torch.Tensor, *, space: str = "lab") 
 
 
 def translate(src: torch.Tensor, ref: torch.Tensor, *, mode: str, fda_beta: float,
-              color_space: str) -> torch.Tensor:
+              color_space: str, style: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> torch.Tensor:
     """The ``method.translate`` option. ``none`` returns ``src`` (strong augmentation, applied
-    by the caller, then provides the appearance change)."""
+    by the caller, then provides the appearance change). ``style`` calls ``style(src)`` (a
+    StyleRandomizer; its random styles come from torch's global generator)."""
     if mode == "fda":
         return fda(src, ref, beta=fda_beta)
     if mode == "color":
         return color_transfer(src, ref, space=color_space)
+    if mode == "style":
+        if style is None:
+            raise ValueError("translate=style needs the style network (TrainState.style)")
+        return style(src)
     if mode == "none":
         return src
     raise ValueError(f"unknown translation mode {mode!r}")

@@ -28,7 +28,9 @@ class Segmentor(nn.Module):
     ``pretrained=<path>`` knows which module a backbone checkpoint belongs to.
 
     ``forward(image (B, 3, H, W) in [0, 1])`` returns logits (B, C, h, w) and the decoder feature
-    (B, feature_dim, h, w) at the model's output stride.
+    (B, feature_dim, h, w) at the model's output stride; ``forward(image, with_bottleneck=True)``
+    adds the backbone's last-stage feature (what ``self.backbone(...)[-1]`` gives), for
+    DAFormer's ImageNet feature distance.
     """
 
     feature_dim: int

@@ -85,9 +85,10 @@ class DAFormer(Segmentor):
         channels = tuple(self.backbone.feature_info.channels())  # (64, 128, 320, 512)
         self.head = DAFormerHead(channels, num_classes, embed_dim=self.feature_dim)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
         features = self.backbone(self.normalise(image))  # 4 maps at strides 4, 8, 16, 32
-        return self.head(features)  # logits (B, C, H/4, W/4), feature (B, 256, H/4, W/4)
+        out = self.head(features)  # logits (B, C, H/4, W/4), feature (B, 256, H/4, W/4)
+        return (*out, features[-1]) if with_bottleneck else out
 
 
 def daformer_mitb5(num_classes: int, *, pretrained_timm: bool = False) -> DAFormer:

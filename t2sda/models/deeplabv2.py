@@ -48,9 +48,10 @@ class DeepLabV2(Segmentor):
         )
         self.head = ASPPClassifier(self.feature_dim, num_classes)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
         (feature,) = self.backbone(self.normalise(image))  # (B, 2048, H/8, W/8)
-        return self.head(feature), feature  # logits (B, C, H/8, W/8)
+        out = self.head(feature), feature  # logits (B, C, H/8, W/8)
+        return (*out, feature) if with_bottleneck else out
 
 
 def deeplabv2_r101(num_classes: int, *, pretrained_timm: bool = False) -> DeepLabV2:

@@ -76,11 +76,12 @@ class SmallCNN(Segmentor):
         self.backbone = SmallEncoder(width)
         self.head = SmallHead(width, num_classes)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
         # Outputs stay channels_last too; permute(0, 2, 3, 1) of them is free, .view() is not.
         image = image.contiguous(memory_format=torch.channels_last)
         stem, context = self.backbone(self.normalise(image))
-        return self.head(stem, context)  # logits (B, C, H/2, W/2), feature (B, 2W, H/2, W/2)
+        out = self.head(stem, context)  # logits (B, C, H/2, W/2), feature (B, 2W, H/2, W/2)
+        return (*out, context) if with_bottleneck else out
 
 
 def small_cnn(num_classes: int, *, width: int = 32, pretrained_timm: bool = False) -> SmallCNN:
