@@ -119,6 +119,10 @@ def _defaults(space, base: Config, drawn: list) -> dict:
                 inside = False
             if inside:
                 point.setdefault(name, value)
+    outside = sorted({n for t in drawn for n in t.distributions} - set(point))
+    if outside:
+        log.warning("default point: %s outside the space, so not tried as given (sampled like "
+                    "the other trials)", ", ".join(f"{n}={flat[n]!r}" for n in outside))
     return point
 
 
@@ -272,14 +276,11 @@ def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: 
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial-")
         params = {k: v for k, v in (result.config or {}).items()}
-        try:
-            config = base.with_overrides(params).to_dict()
-        except ConfigError:
-            config = None
+        config = _trial_config(base, params, trial_id)
         value = (result.metrics or {}).get(metric)
         rows.append(report.TrialRow(
             trial_id=trial_id,
-            status="ERROR" if result.error else status.get(trial_id, "TERMINATED"),
+            status="ERROR" if result.error else _saved_status(status, trial_id),
             params=params,
             value=value if isinstance(value, (int, float)) and math.isfinite(value) else None,
             steps=int((result.metrics or {}).get("step") or 0),
@@ -302,6 +303,26 @@ def _summarize(grid, space, metric: str, base: Config, out_dir: Path, exp_path: 
         print(f"the search stopped before its {num_samples} trials ended; continue it with the "
               "same command plus --resume")
     return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1
+
+
+def _trial_config(base: Config, params: dict, trial_id: str) -> dict | None:
+    """The trial's full config, or None (with a warning naming the trial and the key) when its
+    parameters do not make a valid one: such a trial cannot go to best_config.json."""
+    try:
+        return base.with_overrides(params).to_dict()
+    except ConfigError as err:
+        log.warning("trial %s: its parameters make no valid config (%s); it cannot be "
+                    "written to best_config.json", trial_id, err)
+        return None
+
+
+def _saved_status(saved: dict[str, str], trial_id: str) -> str:
+    """The trial's status in the saved experiment state; UNKNOWN (an unfinished trial, so the
+    --resume hint shows) when it is not there, never TERMINATED by default."""
+    if trial_id in saved:
+        return saved[trial_id]
+    log.warning("trial %s: not in the saved experiment state; counted as unfinished", trial_id)
+    return "UNKNOWN"
 
 
 def _study(searcher, exp_path: str):
