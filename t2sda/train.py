@@ -261,8 +261,9 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, *, metrics
 
 
 if __name__ == "__main__":  # python -m t2sda.train ... == python -m t2sda train ...
+    # Run the CLI as a program (runpy), so this library module never imports its CLI.
+    import runpy
     import sys
 
-    from t2sda.__main__ import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.argv[1:1] = ["train"]
+    runpy.run_module("t2sda", run_name="__main__", alter_sys=True)
