@@ -28,8 +28,9 @@ from ray.tune.search.optuna import OptunaSearch
 import tune_spaces
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
-from t2sda.ray_glue import driver, report
+from t2sda.ray_glue import driver, report, tune_settings
 from t2sda.ray_glue.storage import check_storage
+from t2sda.settings import flatten
 
 log = logging.getLogger("t2sda")
 SEARCH_METRIC = {"val/mIoU": "val/best_mIoU"}  # the space's metric -> its best-so-far report
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tune.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", help="search space: " + ", ".join(tune_spaces.available()))
     p.add_argument("--list-spaces", action="store_true", help="describe every space and exit")
-    p.add_argument("--preset", default="digits", help=f"base config: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"base config: {', '.join(PRESETS)} (default digits)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override base config keys (the space's parameters are sampled on top)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's budget)")
@@ -55,15 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs/tune", help="experiments root: a path, or a URI "
                    "(s3://...) on a multi-node cluster (default: runs/tune)")
     p.add_argument("--name", help="experiment name (default: <space>-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment "
+                   "under its stored settings (settings.json); a conflicting flag is refused")
+    p.add_argument("--change-on-resume", action="store_true", help="with --resume: allow a "
+                   "different base config (--set / --preset), listed and recorded in changes.jsonl")
+    p.add_argument("--scheduler", choices=("asha", "none"),
                    help="early stopping (default asha)")
     p.add_argument("--grace-period", type=int, help="ASHA: steps before a trial may be stopped "
                    "(default: the space's)")
     p.add_argument("--reduction-factor", type=int, help="ASHA (default: the space's)")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
-                   help="Optuna sampler (random: the baseline of scripts/bench_search.py)")
-    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--sampler", choices=("tpe", "random"),
+                   help="Optuna sampler (default tpe; random: the baseline of "
+                   "scripts/bench_search.py)")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (default 0)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per trial from its latest checkpoint")
     return p
@@ -108,7 +113,7 @@ def _defaults(space, base: Config, drawn: list) -> dict:
     """The base config's own value of every searched key that lies inside the space (``drawn``:
     sampled trials showing its ranges): tried first, so the search always holds the default
     as a reference point."""
-    flat = _flatten(base.to_dict())
+    flat = flatten(base.to_dict())
     point = {}
     for trial in drawn:
         for name, dist in trial.distributions.items():
@@ -124,16 +129,6 @@ def _defaults(space, base: Config, drawn: list) -> dict:
         log.warning("default point: %s outside the space, so not tried as given (sampled like "
                     "the other trials)", ", ".join(f"{n}={flat[n]!r}" for n in outside))
     return point
-
-
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _concurrency(args, num_samples: int) -> int:
@@ -154,19 +149,24 @@ def run(args) -> int:
     if args.list_spaces:
         print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
         return 0
-    base = get_preset(args.preset).with_overrides(args.set)
+    get_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
+    tune_spaces.load(args.space)
+    name = args.name or f"{args.space}-{args.preset or 'digits'}"
+    remote = "://" in args.storage and not args.storage.startswith("file://")
+    local_root = None if remote else Path(args.storage.removeprefix("file://")).resolve()
+    if local_root is not None:  # refuse before starting Ray: quick, and nothing written
+        _check_experiment(local_root / name, resume=args.resume)
+    # The settings live in the experiment dir (remote storage: beside the local trial logs).
+    settings_dir = local_root / name if local_root else Path("runs/tune-logs").resolve() / name
+    chosen = tune_settings.resolve(args, settings_dir)
+    base = Config.from_dict(chosen["config"])
     space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
     metric = SEARCH_METRIC.get(space.metric)
     if metric is None:
         raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
                          f"(supported: {', '.join(SEARCH_METRIC)})")
-    name = args.name or f"{space.name}-{args.preset}"
     num_samples = args.num_samples or space.num_samples
 
-    remote = "://" in args.storage and not args.storage.startswith("file://")
-    local_root = None if remote else Path(args.storage.removeprefix("file://")).resolve()
-    if local_root is not None:  # refuse before starting Ray: quick, and nothing written
-        _check_experiment(local_root / name, resume=args.resume)
     started = driver.connect(dashboard=True)  # the state API cleans up stopped trials
     # An autoscaling cluster may grow past its present nodes: treat it as multi-node.
     nodes = 1 if started else max(_alive_nodes(), 2 if driver.autoscaling() else 1)
@@ -180,6 +180,7 @@ def run(args) -> int:
 
     # Each trial writes rank 0's logs to a local path (a URI storage gets them copied).
     log_root = Path(exp_path) if not remote else Path("runs/tune-logs").resolve() / name
+    tune_settings.save(settings_dir, chosen)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
                              storage=exp_path if remote else None,
