@@ -134,6 +134,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path
     (["--space", "pull_loss", "--num-samples", "0"], "--num-samples 0: must be >= 1"),
     (["--space", "pull_loss", "--max-concurrent", "0"], "--max-concurrent 0: must be >= 1"),
     (["--space", "pull_loss", "--resume"], "--resume: no experiment to resume"),
+    (["--space", "pull_loss", "--change-on-resume"], "--change-on-resume needs --resume"),
     ([], "--space is required"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
