@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from t2sda import dist
+from t2sda import dist, settings
 from t2sda.checkpoint import CheckpointError, latest
 from t2sda.cli import evaluate as evaluate_cli
 from t2sda.cli import predict as predict_cli
@@ -29,14 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run one T2S-DA training (no search)")
     source = train.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="digits", help=f"one of: {', '.join(PRESETS)}")
+    source.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default digits)")
     source.add_argument("--config", help="a config.json (e.g. a run's, or tune's best_config.json)")
     train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set method.pull_weight=0 seed=1")
     train.add_argument("--run-dir", help="where config, metrics, TensorBoard events and "
                        "checkpoints go (default: runs/<preset>-<time>)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                       help="continue from CHECKPOINT, or from the run dir's latest without one")
+                       help="continue from CHECKPOINT, or from the run dir's latest without one; "
+                       "the run's config.json is reused (a different --preset/--config/--set "
+                       "is refused)")
+    train.add_argument("--change-on-resume", action="store_true", help="with --resume: allow "
+                       "a config that differs from the run's (listed, and recorded in "
+                       "changes.jsonl)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                        "available, else cpu)")
     ray_args = train.add_argument_group("Ray Train (DDP over workers; global batch = "
@@ -76,18 +81,46 @@ def _resolve_run(args, cfg_name: str) -> tuple[Path, Path | None]:
     return run_dir, resume
 
 
+def _requested(args, default: Config) -> Config:
+    """--config or --preset (else ``default``) with --set applied on top."""
+    cfg = Config.load(args.config) if args.config else get_preset(args.preset) if args.preset \
+        else default
+    return cfg.with_overrides(args.set)
+
+
+def _config(args, run_dir: Path, resuming: bool) -> Config:
+    """What the run trains. A resumed run continues under its config.json: --set applies on
+    top of it, and a change needs --change-on-resume (t2sda/settings.py)."""
+    stored = run_dir / "config.json"
+    if not (resuming and stored.exists()):
+        if args.change_on_resume:
+            raise UsageError("--change-on-resume needs a run to resume (--resume, or --workers "
+                             "on a run dir that holds a Ray Train run)")
+        return _requested(args, get_preset("digits"))
+    old = Config.load(stored)
+    new = _requested(args, old)
+    return Config.from_dict(settings.reconcile(old.to_dict(), new.to_dict(),
+                                               change=args.change_on_resume, where=run_dir,
+                                               what="the config"))
+
+
+def _prepare(args) -> tuple[Path, Path | None, Config]:
+    name = Path(args.config).stem if args.config else args.preset or "digits"
+    run_dir, resume = _resolve_run(args, name)
+    return run_dir, resume, _config(args, run_dir, resume is not None)
+
+
 def _train(args) -> int:
     import torch
 
     from t2sda.step import NonFiniteLossError
     from t2sda.train import train
 
-    cfg = Config.load(args.config) if args.config else get_preset(args.preset)
-    cfg = cfg.with_overrides(args.set)
+    _requested(args, get_preset("digits"))  # bad --preset/--config/--set: an error on every rank
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: must be >= 0 (0 trains in this process)")
     if args.workers > 0:
-        return _train_ray(args, cfg)
+        return _train_ray(args)
     if args.gpu:
         raise UsageError("--gpu needs --workers N (in this process, use --device cuda)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,8 +137,7 @@ def _train(args) -> int:
         log.setLevel(logging.WARNING)
     # Rank 0 alone judges and names the run dir (the others would see its fresh files, and a
     # default name from the clock could differ); every rank then uses its answer.
-    name = Path(args.config).stem if args.config else args.preset
-    run_dir, resume = dist.broadcast_object(_resolve_run(args, name) if dist.is_main() else None)
+    run_dir, resume, cfg = dist.broadcast_object(_prepare(args) if dist.is_main() else None)
     log.info("run dir %s (tensorboard --logdir %s)", run_dir, run_dir)
     finished = False
     try:
@@ -121,7 +153,7 @@ def _train(args) -> int:
     return 0
 
 
-def _train_ray(args, cfg: Config) -> int:
+def _train_ray(args) -> int:
     from t2sda.ray_glue import driver  # Ray is imported only on this path
 
     if args.device:
@@ -133,12 +165,13 @@ def _train_ray(args, cfg: Config) -> int:
         raise UsageError(f"--cpus-per-worker {args.cpus_per_worker:g}: must be > 0")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures {args.max_failures}: must be >= 0")
-    name = Path(args.config).stem if args.config else args.preset
+    name = Path(args.config).stem if args.config else args.preset or "digits"
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if (run_dir / "metrics.jsonl").exists() and not driver.has_ray_run(run_dir):
         raise UsageError(f"run dir {run_dir} holds an in-process run; continue it without "
                          "--workers (--resume) or choose another --run-dir")
     _check_writable(run_dir)  # before any worker starts
+    cfg = _config(args, run_dir, driver.has_ray_run(run_dir))
     if driver.has_ray_run(run_dir):
         log.info("run dir %s holds a Ray Train run: resuming from its latest checkpoint", run_dir)
     driver.connect()
@@ -181,21 +214,19 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args)
         if args.command == "data":
             return check_data.main(args)
         if args.command == "evaluate":
             return evaluate_cli.main(args)
         if args.command == "predict":
             return predict_cli.main(args)
+        return _train(args)  # the parser admits only train, data, evaluate and predict
     except (ConfigError, CheckpointError, UsageError) as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("t2sda: interrupted", file=sys.stderr)
         return 130
-    return 2
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger("t2sda")
 
 
 class ConfigError(ValueError):
@@ -257,6 +260,10 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     channels_last: bool = True  # CUDA only: NHWC memory format (faster convolutions on tensor cores)
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    # Under DDP (2+ processes) the student's BatchNorm layers become SyncBatchNorm: batch
+    # statistics over the global batch instead of each rank's shard. CUDA only (DDP refuses
+    # SyncBatchNorm on CPU/gloo); one process has nothing to sync, so it is a no-op there.
+    sync_bn: bool = False
     fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
     # At each evaluation: feature diagnostics feat/... (t2sda/monitor.py) and the label-free
     # model-selection scores select/... (t2sda/validators.py).
@@ -315,8 +322,34 @@ class Config:
             raise ConfigError(f"config file {path}: not found") from None
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"config file {path}: not valid JSON ({err})") from None
-        # best_config.json files written by tune.py wrap the config under "config".
-        return cls.from_dict(raw.get("config", raw) if isinstance(raw, dict) else raw)
+        if isinstance(raw, dict) and "config" in raw:
+            # best_config.json (tune.py) wraps the config under "config" beside its metadata;
+            # config keys beside it would be ignored, so such a file is refused.
+            clash = sorted(set(raw) & {f.name for f in dataclasses.fields(cls)})
+            if clash:
+                raise ConfigError(f"config file {path}: has a 'config' entry and top-level config "
+                                  f"keys ({', '.join(clash)}); keep one or the other")
+            raw = raw["config"]
+        try:
+            cfg = cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
+        missing = _missing(cfg.to_dict(), raw, prefix="")
+        if missing:
+            log.warning("config file %s: %d key(s) not in it take their defaults: %s", path,
+                        len(missing), ", ".join(missing))
+        return cfg
+
+
+def _missing(full: dict, given: dict, *, prefix: str) -> list[str]:
+    """Dotted keys of ``full`` absent from ``given`` (a whole absent section as ``name.*``)."""
+    out = []
+    for key, value in full.items():
+        if key not in given:
+            out.append(prefix + key + (".*" if isinstance(value, dict) else ""))
+        elif isinstance(value, dict) and isinstance(given[key], dict):
+            out += _missing(value, given[key], prefix=prefix + key + ".")
+    return out
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -385,9 +418,9 @@ def _build(cls, raw, *, prefix: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(fields))})"
-        )
+        names = ", ".join(repr(prefix + key) for key in unknown)
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {names} "
+                          f"(known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in raw.items():
         kind, key = hints[name], prefix + name

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from t2sda import checkpoint, dist
-from t2sda.config import Config
+from t2sda.config import Config, ConfigError
 from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
 from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
@@ -34,12 +34,23 @@ def _wrap_ddp(device: torch.device, cfg: Config):
     # A group of one (Ray Train with one worker) gains nothing from DDP but its hooks.
     if dist.world_size() == 1:
         return None
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError(f"train.sync_bn=true: SyncBatchNorm needs CUDA workers (DDP on "
+                          f"{device.type}/gloo refuses it); set train.sync_bn=false")
     ids = [device.index] if device.type == "cuda" else None
     # The projection head sits idle during the source-only warm-up and the pull's ramp:
     # DDP must be told that some parameters may get no gradient in a step.
     unused = uses_pull(cfg)
-    return lambda net: torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=ids, find_unused_parameters=unused)
+
+    def wrap(net: torch.nn.Module) -> torch.nn.Module:
+        # The teacher was copied before this: it keeps plain BatchNorm (same buffers, so the
+        # EMA and checkpoints are unchanged) and its statistics are averaged over ranks.
+        if cfg.train.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
+                                                         find_unused_parameters=unused)
+
+    return wrap
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -265,8 +276,9 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
 
 
 if __name__ == "__main__":  # python -m t2sda.train ... == python -m t2sda train ...
+    # Run the CLI as a program (runpy), so this library module never imports its CLI.
+    import runpy
     import sys
 
-    from t2sda.__main__ import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.argv[1:1] = ["train"]
+    runpy.run_module("t2sda", run_name="__main__", alter_sys=True)

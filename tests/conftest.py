@@ -16,6 +16,40 @@ TINY = [
 ]
 
 
+def free_port() -> int:
+    """A TCP port free right now on localhost, for a test's own gloo process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, fn, out: str, args: tuple) -> None:
+    import os
+
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, *args)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def spawn_gloo(fn, out: str, *args, world: int = 2):
+    """Run ``fn(rank, *args)`` (a module-level function) on ``world`` spawned processes joined
+    in a gloo group; returns rank 0's result (saved through the file ``out``)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(world, free_port(), fn, out, args), nprocs=world, join=True)
+    return torch.load(out)
+
+
 @pytest.fixture
 def tiny_cfg():
     """The digits preset shrunk to a few seconds: every piece of the method still runs."""

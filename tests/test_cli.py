@@ -58,11 +58,27 @@ def test_train_then_resume_and_refuse_overwrite(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     _one_line_error(_cli("train", "--run-dir", str(run), "--set", *TINY), "already holds a run")
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
-    # Resume a finished run with more steps: continues from step 6.
-    more = _cli("train", "--run-dir", str(run), "--resume", "--set", *TINY, "train.iters=9")
+    # --resume keeps the run's config: a different one is refused, naming the key ...
+    _one_line_error(_cli("train", "--run-dir", str(run), "--resume", "--set", "train.iters=9"),
+                    "--resume: the config differs", "train.iters: 6 -> 9", "--change-on-resume")
+    _one_line_error(_cli("train", "--run-dir", str(run), "--resume", "--preset", "digits"),
+                    "data.image_size: 32 -> 64")  # the preset without the first run's --set
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # ... without flags it continues as started (finished: nothing to do) ...
+    same = _cli("train", "--run-dir", str(run), "--resume")
+    assert same.returncode == 0, same.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["iters"] == 6
+    # ... and --change-on-resume applies --set on top of it, says so and records it.
+    more = _cli("train", "--run-dir", str(run), "--resume", "--change-on-resume",
+                "--set", "train.iters=9")
     assert more.returncode == 0, more.stderr
+    assert "train.iters: 6 -> 9" in more.stdout + more.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["iters"] == 9 and saved["data"]["image_size"] == 32
+    changes = [json.loads(x) for x in (run / "changes.jsonl").read_text().splitlines()]
+    assert [c["changes"] for c in changes] == [{"train.iters": [6, 9]}]
 
 
 @pytest.mark.slow

@@ -66,3 +66,33 @@ def test_load_errors(tmp_path):
     wrapped = {"config": get_preset("digits").to_dict(), "metric": 50.0}
     (tmp_path / "best.json").write_text(json.dumps(wrapped))
     assert Config.load(tmp_path / "best.json") == get_preset("digits")
+
+
+def test_config_file_names_unknown_and_missing_keys(tmp_path, caplog):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"method": {"bogus": 1, "nope": 2}, "typo": 3}))
+    with pytest.raises(ConfigError, match=rf"config file {path}: unknown config key 'typo'"):
+        Config.load(path)
+    path.write_text(json.dumps({"method": {"bogus": 1, "nope": 2}}))
+    with pytest.raises(ConfigError, match="unknown config keys 'method.bogus', 'method.nope'"):
+        Config.load(path)
+    partial = get_preset("digits").to_dict()
+    del partial["train"], partial["method"]["pull_weight"]
+    path.write_text(json.dumps(partial))
+    with caplog.at_level("WARNING", logger="t2sda"):
+        cfg = Config.load(path)
+    assert cfg.method.pull_weight == Config().method.pull_weight and cfg.train == Config().train
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"config file {path}: 2 key(s) not in it take their defaults: "
+                        "method.pull_weight, train.*"]
+    caplog.clear()
+    get_preset("digits").save(path)
+    Config.load(path)
+    assert not caplog.records  # a complete file: no warning
+
+
+def test_wrapped_config_with_top_level_keys_is_refused(tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"config": get_preset("digits").to_dict(), "seed": 3}))
+    with pytest.raises(ConfigError, match=r"has a 'config' entry and top-level config keys \(seed\)"):
+        Config.load(path)

@@ -2,52 +2,34 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 from torch import nn
 
 from t2sda import dist
 from t2sda.method.teacher import EMATeacher
+from tests.conftest import spawn_gloo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-        teacher = EMATeacher(student)
-        ddp = nn.parallel.DistributedDataParallel(student)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard, as in training
-        for _ in range(steps):
-            x = torch.randn(2, 3, 8, 8, generator=gen) * (1 + rank)
-            ddp(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            teacher.update(student, momentum=0.5)
-        bufs = torch.stack([b.double().sum() for b in teacher.model.buffers() if b.dtype.is_floating_point])
-        diff = dist.max_rank_difference(bufs)
-        if rank == 0:
-            torch.save(diff, out)
-    finally:
-        tdist.destroy_process_group()
+def _worker(rank: int, steps: int) -> float:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    teacher = EMATeacher(student)
+    ddp = nn.parallel.DistributedDataParallel(student)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard, as in training
+    for _ in range(steps):
+        x = torch.randn(2, 3, 8, 8, generator=gen) * (1 + rank)
+        ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        teacher.update(student, momentum=0.5)
+    bufs = torch.stack([b.double().sum() for b in teacher.model.buffers() if b.dtype.is_floating_point])
+    return dist.max_rank_difference(bufs)
 
 
 @pytest.mark.slow  # spawns 2 gloo processes
 def test_teacher_bn_buffers_identical_across_ranks(tmp_path):
-    out = str(tmp_path / "diff.pt")
-    mp.spawn(_worker, args=(_free_port(), 3, out), nprocs=2, join=True)
+    diff = spawn_gloo(_worker, str(tmp_path / "diff.pt"), 3)
     # Before the fix (no all-reduce of the teacher's float buffers) this is 0.33 for this setup.
-    assert torch.load(out) == 0.0
+    assert diff == 0.0

@@ -48,6 +48,27 @@ def test_two_workers_stay_identical_and_write_once(ray_cluster, tiny_cfg, tmp_pa
     assert not (run / "checkpoints").exists()
 
 
+def test_one_worker_reproduces_in_process_train(ray_cluster, tiny_cfg, tmp_path):
+    """Ray Train with one worker runs the same computation as train() in this process: same
+    seed, so every evaluation's metrics agree to float tolerance (timings aside)."""
+    from t2sda.ray_glue import driver
+    from t2sda.train import train
+
+    cfg = tiny_cfg.with_overrides(["train.threads=1"])
+    driver.fit(cfg, run_dir=tmp_path / "ray", workers=1, max_failures=0)
+    train(cfg, device="cpu", run_dir=tmp_path / "local")
+    ray_rows, local_rows = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text()
+                             .splitlines()] for d in ("ray", "local"))
+    assert [r["step"] for r in ray_rows] == [r["step"] for r in local_rows] == [3, 6]
+    for ray_row, local_row in zip(ray_rows, local_rows, strict=True):
+        keys = {k for k in local_row if not k.startswith("perf/")}
+        assert keys == {k for k in ray_row if not k.startswith(("perf/", "dist/"))}
+        for key in keys:  # null: a class absent from truth and prediction in both runs
+            expected = local_row[key]
+            assert ray_row[key] == (None if expected is None else pytest.approx(expected, abs=1e-4)), key
+        assert local_row["val/mIoU"] > 0  # it learned something: equal is not trivially 0 == 0
+
+
 def test_injected_failure_restarts_from_checkpoint(ray_cluster, tiny_cfg, tmp_path):
     from t2sda.ray_glue import driver
 
@@ -95,12 +116,11 @@ def test_resource_errors_are_immediate(ray_cluster):
     (["--gpu"], "--gpu needs --workers N"),
 ])
 def test_cli_resource_errors_one_line(ray_cluster, tmp_path, args, fragment):
-    tic = time.monotonic()
-    proc = _cli("--run-dir", str(tmp_path / "run"), *args, timeout=120)
-    assert time.monotonic() - tic < 60
+    proc = _cli("--run-dir", str(tmp_path / "run"), *args, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and err and fragment in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any training
 
 
 def test_cli_unwritable_run_dir_before_any_worker(tmp_path):

@@ -59,16 +59,21 @@ def test_results_csv_has_one_row_per_trial_and_a_column_per_param(rows, tmp_path
     assert table[5]["status"] == "PENDING" and table[5]["value"] == ""
 
 
-@pytest.mark.parametrize("mode, best_id", [("max", "t2"), ("min", "t3")])
-def test_best_config_is_the_best_finished_trial_and_loads_as_a_config(rows, tmp_path, mode, best_id):
-    write_results(rows, tmp_path, metric=METRIC, mode=mode)
-    best = next(r for r in rows if r.trial_id == best_id)  # t5 scored 70 but errored: never best
+@pytest.mark.parametrize("mode, best_id, value, temperature, schedule", [
+    ("max", "t2", 63.5, 0.2, "constant"), ("min", "t3", 55.0, 1.0, "step")])
+def test_best_config_is_the_best_finished_trial_and_loads_as_a_config(
+        rows, tmp_path, mode, best_id, value, temperature, schedule):
+    write_results(rows, tmp_path, metric=METRIC, mode=mode)  # t5 scored 70 but errored: never best
     record = json.loads((tmp_path / "best_config.json").read_text())
-    assert record == {"trial_id": best_id, "metric": METRIC, "value": best.value,
-                      "params": best.params, "config": best.config}
+    assert (record["trial_id"], record["metric"], record["value"]) == (best_id, METRIC, value)
+    assert record["params"]["method.pull_temperature"] == temperature
     loaded = Config.load(tmp_path / "best_config.json")  # what `t2sda train --config` does
-    assert loaded.to_dict() == best.config
-    assert loaded.method.pull_temperature == best.params["method.pull_temperature"]
+    # The winner's parameters on the preset, every other key the preset's own.
+    expected = get_preset("digits").to_dict()
+    expected["method"].update(pull_temperature=temperature, weight_schedule=schedule)
+    if schedule == "step":
+        expected["method"]["weight_warmup"] = 300
+    assert loaded.to_dict() == expected
 
 
 def test_table_ranks_the_top_trials_and_counts_the_rest(rows, tmp_path):

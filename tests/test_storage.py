@@ -47,11 +47,16 @@ def test_unwritable_local_path_is_refused(tmp_path):
     assert "is not a directory" in _error(storage=str(blocker), num_nodes=1)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_read_only_directory_is_refused(tmp_path):
+def test_read_only_directory_is_refused(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
-    assert "not a writable directory" in _error(storage=str(ro), num_nodes=1)
+    if os.geteuid() == 0:  # root (CI) writes anywhere: its write fails as a user's would
+        def deny(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+
+        monkeypatch.setattr(storage, "open", deny, raising=False)
+    assert "not a writable directory (Permission denied)" in _error(storage=str(ro), num_nodes=1)
+    assert list(ro.iterdir()) == []  # no probe left behind
 
 
 def test_empty_storage_is_refused():

@@ -81,8 +81,12 @@ def test_gradients_reach_only_the_student(tiny_cfg):
     logs = train_step(state, src, src_label, tgt, cfg)
     assert {"loss_src", "loss_mix", "loss_pull"} <= set(logs)
     assert all(p.grad is None for p in state.teacher.parameters())
-    grads = [p.grad for p in state.student.parameters()]
-    assert all(g is not None for g in grads)  # the projection head included
+    grads = dict(state.student.named_parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in grads.values())
+    # The pull reaches the projection head, the losses the classifier: non-zero gradients.
+    assert all(p.grad.abs().sum() > 0 for k, p in grads.items() if k.startswith("proj."))
+    classifier = {k: p for k, p in grads.items() if k.startswith("segmentor.head.classifier.")}
+    assert classifier and all(p.grad.abs().sum() > 0 for p in classifier.values())
     # The teacher moved by exactly the EMA rule at k = 0 (alpha = 0: a copy of the student).
     for (name, t), s in zip(state.teacher.model.state_dict().items(),
                             state.student.state_dict().values(), strict=True):

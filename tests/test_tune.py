@@ -143,6 +143,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path
     (["--space", "pull_loss", "--num-samples", "0"], "--num-samples 0: must be >= 1"),
     (["--space", "pull_loss", "--max-concurrent", "0"], "--max-concurrent 0: must be >= 1"),
     (["--space", "pull_loss", "--resume"], "--resume: no experiment to resume"),
+    (["--space", "pull_loss", "--change-on-resume"], "--change-on-resume needs --resume"),
     ([], "--space is required"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
@@ -186,3 +187,30 @@ def test_asha_first_rung_waits_for_adaptation():
     assert search._grace(argparse.Namespace(grace_period=50), space, base) == 50
     short = base.with_overrides(["train.iters=300"])
     assert search._grace(plain, space, short) == 300  # never past the end
+
+
+def test_default_point_names_the_keys_it_leaves_out(caplog):
+    import tune_spaces
+    from t2sda.presets import get_preset
+
+    space = tune_spaces.load("pull_loss")
+    base = get_preset("digits").with_overrides(["method.pull_temperature=5.0"])  # space: 0.03-1
+    with caplog.at_level("WARNING", logger="t2sda"):
+        point = search._defaults(space, base, tune_spaces.draw(space, 100, seed=1))
+    assert "method.pull_temperature" not in point and point["method.pull_weight"] == 0.1
+    assert [r.getMessage() for r in caplog.records] == [
+        "default point: method.pull_temperature=5.0 outside the space, so not tried as given "
+        "(sampled like the other trials)"]
+
+
+def test_trial_status_and_config_fall_back_loudly(caplog):
+    from t2sda.presets import get_preset
+
+    with caplog.at_level("WARNING", logger="t2sda"):
+        assert search._saved_status({"a": "TERMINATED"}, "a") == "TERMINATED"
+        assert not caplog.records
+        assert search._saved_status({"a": "TERMINATED"}, "b") == "UNKNOWN"  # not "finished"
+        assert search._trial_config(get_preset("digits"), {"method.pull_weight": -1}, "c") is None
+    assert [r.getMessage().split(" (")[0].split(";")[0] for r in caplog.records] == [
+        "trial b: not in the saved experiment state", "trial c: its parameters make no valid config"]
+    assert "method.pull_weight=-1" in caplog.records[1].getMessage()

@@ -77,8 +77,3 @@ def lookup_table(train_ids: dict[int, int], *, num_ids: int, ignore_ids: tuple[i
     for label_id, train_id in train_ids.items():
         table[label_id] = train_id if train_id < num_classes else IGNORE
     return table
-
-
-def apply_table(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 label ids -> (H, W) uint8 train ids; unknown ids become IGNORE."""
-    return np.where(table < 0, IGNORE, table).astype(np.uint8)[ids]

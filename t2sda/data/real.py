@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from t2sda.config import ConfigError, DataConfig
 from t2sda.data import folders, labels, rcs, scan, transforms
-from t2sda.data.loaders import Datasets, InfiniteSampler
+from t2sda.data.base import Datasets, InfiniteSampler
 
 
 class DataError(ConfigError):

@@ -31,8 +31,9 @@ import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
-from t2sda.ray_glue import driver, report, selection, shared_warmup
+from t2sda.ray_glue import driver, report, selection, shared_warmup, tune_settings
 from t2sda.ray_glue.storage import check_storage
+from t2sda.settings import flatten
 
 log = logging.getLogger("t2sda")
 SEARCH_METRIC = {"val/mIoU": "val/best_mIoU"}  # the space's metric -> its best-so-far report
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tune.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", help="search space: " + ", ".join(tune_spaces.available()))
     p.add_argument("--list-spaces", action="store_true", help="describe every space and exit")
-    p.add_argument("--preset", default="digits", help=f"base config: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"base config: {', '.join(PRESETS)} (default digits)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override base config keys (the space's parameters are sampled on top)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's budget)")
@@ -58,16 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs/tune", help="experiments root: a path, or a URI "
                    "(s3://...) on a multi-node cluster (default: runs/tune)")
     p.add_argument("--name", help="experiment name (default: <space>-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment "
+                   "under its stored settings (settings.json); a conflicting flag is refused")
+    p.add_argument("--change-on-resume", action="store_true", help="with --resume: allow a "
+                   "different base config (--set / --preset), listed and recorded in changes.jsonl")
+    p.add_argument("--scheduler", choices=("asha", "none"),
                    help="early stopping (default asha)")
     p.add_argument("--grace-period", type=int, help="ASHA: steps before a trial may be stopped "
                    "(default: the space's)")
     p.add_argument("--reduction-factor", type=int, help="ASHA (default: the space's)")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
-                   help="Optuna sampler (random: the baseline of scripts/bench_search.py)")
-    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
-    p.add_argument("--metric", default="target_miou",
+    p.add_argument("--sampler", choices=("tpe", "random"),
+                   help="Optuna sampler (default tpe; random: the baseline of "
+                   "scripts/bench_search.py)")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (default 0)")
+    p.add_argument("--metric",
                    help="what ranks trials (and ASHA stops them by): target_miou (uses target "
                         "labels; default) or a label-free validator: "
                         + ", ".join(validators.LABEL_FREE))
@@ -126,7 +131,7 @@ def _defaults(space, base: Config, drawn: list) -> dict:
     """The base config's own value of every searched key that lies inside the space (``drawn``:
     sampled trials showing its ranges): tried first, so the search always holds the default
     as a reference point."""
-    flat = shared_warmup.flatten(base.to_dict())
+    flat = flatten(base.to_dict())
     point = {}
     for trial in drawn:
         for name, dist in trial.distributions.items():
@@ -137,6 +142,10 @@ def _defaults(space, base: Config, drawn: list) -> dict:
                 inside = False
             if inside:
                 point.setdefault(name, value)
+    outside = sorted({n for t in drawn for n in t.distributions} - set(point))
+    if outside:
+        log.warning("default point: %s outside the space, so not tried as given (sampled like "
+                    "the other trials)", ", ".join(f"{n}={flat[n]!r}" for n in outside))
     return point
 
 
@@ -158,16 +167,21 @@ def run(args) -> int:
     if args.list_spaces:
         print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
         return 0
-    base = get_preset(args.preset).with_overrides(args.set)
-    space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
-    metric, mode = _search_metric(args.metric, space, base)
-    name = args.name or f"{space.name}-{args.preset}"
-    num_samples = args.num_samples or space.num_samples
-
+    get_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
+    tune_spaces.load(args.space)
+    name = args.name or f"{args.space}-{args.preset or 'digits'}"
     remote = "://" in args.storage and not args.storage.startswith("file://")
     local_root = None if remote else Path(args.storage.removeprefix("file://")).resolve()
     if local_root is not None:  # refuse before starting Ray: quick, and nothing written
         _check_experiment(local_root / name, resume=args.resume)
+    # The settings live in the experiment dir (remote storage: beside the local trial logs).
+    settings_dir = local_root / name if local_root else Path("runs/tune-logs").resolve() / name
+    chosen = tune_settings.resolve(args, settings_dir)
+    base = Config.from_dict(chosen["config"])
+    space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
+    metric, mode = _search_metric(args.metric, space, base)
+    num_samples = args.num_samples or space.num_samples
+
     started = driver.connect(dashboard=True)  # the state API cleans up stopped trials
     # An autoscaling cluster may grow past its present nodes: treat it as multi-node.
     nodes = 1 if started else max(_alive_nodes(), 2 if driver.autoscaling() else 1)
@@ -181,6 +195,7 @@ def run(args) -> int:
 
     # Each trial writes rank 0's logs to a local path (a URI storage gets them copied).
     log_root = Path(exp_path) if not remote else Path("runs/tune-logs").resolve() / name
+    tune_settings.save(settings_dir, chosen)
     drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
     warmup = None
     if args.shared_warmup:
@@ -329,14 +344,11 @@ def _summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path,
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial-")
         params = {k: v for k, v in (result.config or {}).items()}
-        try:
-            config = base.with_overrides(params).to_dict()
-        except ConfigError:
-            config = None
+        config = _trial_config(base, params, trial_id)
         value = (result.metrics or {}).get(metric)
         rows.append(report.TrialRow(
             trial_id=trial_id,
-            status="ERROR" if result.error else status.get(trial_id, "TERMINATED"),
+            status="ERROR" if result.error else _saved_status(status, trial_id),
             params=params,
             value=value if isinstance(value, (int, float)) and math.isfinite(value) else None,
             steps=int((result.metrics or {}).get("step") or 0),
@@ -375,6 +387,26 @@ def _scores(metrics: dict) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             out[name] = float(value)
     return out
+
+
+def _trial_config(base: Config, params: dict, trial_id: str) -> dict | None:
+    """The trial's full config, or None (with a warning naming the trial and the key) when its
+    parameters do not make a valid one: such a trial cannot go to best_config.json."""
+    try:
+        return base.with_overrides(params).to_dict()
+    except ConfigError as err:
+        log.warning("trial %s: its parameters make no valid config (%s); it cannot be "
+                    "written to best_config.json", trial_id, err)
+        return None
+
+
+def _saved_status(saved: dict[str, str], trial_id: str) -> str:
+    """The trial's status in the saved experiment state; UNKNOWN (an unfinished trial, so the
+    --resume hint shows) when it is not there, never TERMINATED by default."""
+    if trial_id in saved:
+        return saved[trial_id]
+    log.warning("trial %s: not in the saved experiment state; counted as unfinished", trial_id)
+    return "UNKNOWN"
 
 
 def _study(searcher, exp_path: str):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from t2sda.config import Config
+from t2sda.settings import flatten
 from t2sda.state import uses_pull
 
 # Method keys read only once adaptation has started: before it, the pull's weight is 0 (its
@@ -30,16 +31,6 @@ AFTER_ADAPTATION = frozenset(f"method.{key}" for key in (
 # from the student when adaptation starts, and its momentum acts only after.
 TEACHER_KEY = "method.ema_momentum"
 RECORD = "warmup.json"  # in the experiment dir: the finished warm-up's checkpoint and config
-
-
-def flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def plan(base: Config, searched: set[str]) -> tuple[Config | None, str]:
