@@ -234,6 +234,10 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     channels_last: bool = True  # CUDA only: NHWC memory format (faster convolutions on tensor cores)
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    # torch.compile of the student's and teacher's segmentor forward (docs/performance.md)
+    compile: str = "none"  # none | default | max-autotune
+    # Activation checkpointing of the student's backbone stages: less memory, ~1 more forward
+    grad_checkpoint: bool = False  # daformer_mitb5 / deeplabv2_r101 only
     fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
 
     def __post_init__(self):
@@ -244,6 +248,7 @@ class TrainConfig:
         _non_negative("train.images_every", self.images_every)
         _choice("train.amp", self.amp, ("auto", "bf16", "none"))
         _non_negative("train.threads", self.threads)
+        _choice("train.compile", self.compile, ("none", "default", "max-autotune"))
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from t2sda import dist
+from t2sda import dist, perf
 from t2sda.config import Config, ConfigError
 from t2sda.dist import unwrap
 from t2sda.method.class_weights import ClassWeighter
@@ -115,6 +115,7 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
     if device.type == "cuda" and cfg.train.channels_last:
         network = network.to(memory_format=torch.channels_last)
     teacher = EMATeacher(network)
+    perf.apply(cfg.train, student=segmentor, teacher=teacher.model.segmentor, model_name=cfg.model.name)
     backbone, head = segmentor.param_groups()
     if proj is not None:
         head = head + list(proj.parameters())
