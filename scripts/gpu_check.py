@@ -392,7 +392,7 @@ def table(result: dict) -> str:
              f"steps after {sizes['warmup']}, split over {sizes['phase_steps']} more.", "",
              "| model | config | images/s | step ms | split step ms | " + " | ".join(PHASES)
              + " | other | pull+rw | peak GiB | TFLOP/step | TFLOP/s | of bf16 matmul | of spec peak |",
-             "|---" * (len(PHASES) + 13) + "|"]
+             "|---" * (len(PHASES) + 12) + "|"]
     fits = []
     for run in result["runs"]:
         if "error" in run:
