@@ -13,7 +13,10 @@ test suite does; results ``gpu_check_cpu_smoke.*``).
 
 What it measures, for ``daformer_mitb5`` and ``deeplabv2_r101`` (random init) in fp32
 (``train.amp=none``: PyTorch's defaults, i.e. TF32 in cuDNN convolutions, not in matmuls) and
-bf16 (``train.amp=bf16``: autocast):
+bf16 (``train.amp=bf16``: autocast), and for DAFormer in bf16 also with the performance
+switches (docs/performance.md): ``+ckpt`` (``train.grad_checkpoint=true``), ``+compile``
+(``train.compile=default``) and both; the configurations run in the order of ``RUNS`` (most
+needed first) and ``--configs`` picks others:
 - the real ``t2sda.step.train_step`` of the model's GTA->Cityscapes preset (batch 2 of 512x512
   crops, 19 classes; self-training, pull loss and re-weighting from the first step) on generated
   data: random images and labels in random 32x32 blocks, made on the GPU once, so data loading
@@ -22,11 +25,17 @@ bf16 (``train.amp=bf16``: autocast):
   images, as ``perf/images_per_s``), between ``torch.cuda.synchronize()`` calls;
 - the step split, over ``--phase-steps`` further steps, from CUDA events recorded around the
   student forward, teacher forward, pull loss (bank update + loss; its backward is part of
-  backward), backward (``Tensor.backward``), optimizer step and EMA update; "other" is the step
-  minus those (translation, pseudo labels, mixing, augmentation, cross-entropies, class
-  weights). The events come from wrapping those calls during these steps only: the step itself
-  is the training code, unchanged;
-- peak memory: ``torch.cuda.max_memory_allocated`` over building the state and all steps;
+  backward), re-weighting (the class weights' update and read-out), backward
+  (``Tensor.backward``), optimizer step and EMA update; "other" is the step minus those
+  (translation, pseudo labels, mixing, augmentation, cross-entropies). The events come from
+  wrapping those calls during these steps only: the step itself is the training code,
+  unchanged. "pull+rw" is the pull loss + re-weighting share of that step (their forward side;
+  the pull loss's backward is inside backward);
+- peak memory: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over building
+  the state and all steps (compilation included), and the process's memory outside torch's
+  allocator (CUDA context, cuBLAS / cuDNN workspaces: device memory in use minus reserved, after
+  the steps); a card "fits" a configuration when reserved + that overhead is at most its size
+  (11, 24 and 80 GiB, the sizes of the usual 11, 24 and 80 GB cards);
 - FLOPs per step from ``torch.utils.flop_counter`` over one step (matmuls and convolutions,
   forward and backward); the model's TFLOP/s = FLOPs per step / step time;
 - the matmul share: the model's TFLOP/s over the TFLOP/s of a large bf16 matmul (8192^3)
@@ -68,7 +77,22 @@ SIZES = {  # crop, batch, warm-up / timed / phase-timed steps, matmul side
     "gpu": {"size": 512, "batch": 2, "warmup": 5, "steps": 20, "phase_steps": 10, "matmul": 8192},
     "cpu_smoke": {"size": 64, "batch": 1, "warmup": 1, "steps": 2, "phase_steps": 1, "matmul": 256},
 }
-PHASES = ("student forward", "teacher forward", "pull loss", "backward", "optimizer", "EMA")
+PHASES = ("student forward", "teacher forward", "pull loss", "re-weighting", "backward", "optimizer",
+          "EMA")
+# Configurations: "<amp>[+compile][+ckpt]". In order: a run cut by the budget loses the last ones.
+RUNS = (("daformer_mitb5", "bf16"), ("daformer_mitb5", "bf16+ckpt"), ("deeplabv2_r101", "bf16"),
+        ("daformer_mitb5", "none"), ("deeplabv2_r101", "none"), ("daformer_mitb5", "bf16+compile"),
+        ("daformer_mitb5", "bf16+compile+ckpt"))
+CARDS_GIB = (11, 24, 80)
+
+
+def parse_config(label: str) -> dict:
+    """"bf16+compile+ckpt" -> the run's train.* overrides; a bad label raises ValueError."""
+    amp, *switches = label.split("+")
+    if amp not in AMPS or not set(switches) <= {"compile", "ckpt"} or len(set(switches)) < len(switches):
+        raise ValueError(f"configuration {label!r}: expected <{'|'.join(AMPS)}>[+compile][+ckpt]")
+    return {"train.amp": amp, "train.compile": "default" if "compile" in switches else "none",
+            "train.grad_checkpoint": "ckpt" in switches}
 
 
 class Clock:
@@ -188,6 +212,7 @@ def phase_split(state, batches, cfg, device: torch.device, first: int, steps: in
     hooks = [("student forward", state.student, "forward"),
              ("teacher forward", state.teacher, "forward"),
              ("pull loss", step_module, "pull_loss"), ("pull loss", state.bank, "update"),
+             ("re-weighting", state.weighter, "update"), ("re-weighting", state.weighter, "weights"),
              ("backward", torch.Tensor, "backward"), ("optimizer", state.optimizer, "step"),
              ("EMA", state.teacher, "update")]
     with contextlib.ExitStack() as stack:
@@ -201,7 +226,8 @@ def phase_split(state, batches, cfg, device: torch.device, first: int, steps: in
     step_ms = ms.pop("step")
     phases = {name: ms.get(name, 0.0) for name in PHASES}
     phases["other"] = step_ms - sum(phases.values())
-    return {"step_ms_phase_timed": step_ms, "phases_ms": phases}
+    share = (phases["pull loss"] + phases["re-weighting"]) / step_ms
+    return {"step_ms_phase_timed": step_ms, "phases_ms": phases, "pull_reweight_share": share}
 
 
 def run_step(state, batches, cfg, i: int) -> None:
@@ -211,15 +237,18 @@ def run_step(state, batches, cfg, i: int) -> None:
     train_step(state, *batches[i % len(batches)], cfg)
 
 
-def measure(model: str, amp: str, device: torch.device, sizes: dict) -> dict:
+def measure(model: str, label: str, device: torch.device, sizes: dict) -> dict:
+    import torch._dynamo
     from torch.utils.flop_counter import FlopCounterMode
 
     from t2sda.presets import get_preset
     from t2sda.state import build_state
 
+    overrides = parse_config(label)
     cfg = get_preset(PRESETS[model]).with_overrides(
-        {"model.pretrained": "", "train.amp": amp, "data.batch_size": sizes["batch"]})
+        {"model.pretrained": "", "data.batch_size": sizes["batch"], **overrides})
     cuda = device.type == "cuda"
+    torch._dynamo.reset()  # each configuration compiles (or not) from scratch
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -234,14 +263,27 @@ def measure(model: str, amp: str, device: torch.device, sizes: dict) -> dict:
         run_step(state, batches, cfg, i)
     synchronize(device)
     step_s = (time.perf_counter() - tic) / steps
-    out = {"model": model, "amp": amp, "images_per_s": 2 * sizes["batch"] / step_s,
+    out = {"model": model, "config": label, "amp": overrides["train.amp"],
+           "compile": overrides["train.compile"], "grad_checkpoint": overrides["train.grad_checkpoint"],
+           "images_per_s": 2 * sizes["batch"] / step_s,
            "step_ms": 1000 * step_s,
            **phase_split(state, batches, cfg, device, warmup + steps, sizes["phase_steps"])}
-    with FlopCounterMode(display=False) as counter:
-        run_step(state, batches, cfg, warmup + steps + sizes["phase_steps"])
-    out["tflop_per_step"] = counter.get_total_flops() / 1e12
-    out["model_tflops"] = out["tflop_per_step"] / step_s
-    out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run_step(state, batches, cfg, warmup + steps + sizes["phase_steps"])
+        out["tflop_per_step"] = counter.get_total_flops() / 1e12
+        out["model_tflops"] = out["tflop_per_step"] / step_s
+    except Exception as err:  # the counter under torch.compile: keep the other numbers
+        out["tflop_per_step"] = out["model_tflops"] = None
+        out["flop_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    out.update(peak_memory_gib=None, peak_reserved_gib=None, overhead_gib=None)
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        out.update(peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+                   overhead_gib=(total - free - torch.cuda.memory_reserved(device)) / 2**30)
+        need = out["peak_reserved_gib"] + out["overhead_gib"]
+        out["fits_gib"] = {str(card): need <= card for card in CARDS_GIB}
     return out
 
 
@@ -262,26 +304,27 @@ def check(loop_config: dict, device: torch.device) -> None:
               "sizes": sizes, "matmul_bf16_tflops": matmul_tflops(device, sizes["matmul"]),
               "spec_bf16_tflops": spec_peak(info["device"]), "runs": []}
     deadline = time.monotonic() + loop_config["budget_s"]
-    for model in loop_config["models"]:
-        for amp in AMPS:
-            if time.monotonic() > deadline:
-                result["runs"].append({"model": model, "amp": amp, "error": "skipped: over budget"})
-                continue
-            tic = time.monotonic()
-            try:
-                run = measure(model, amp, device, sizes)
-            except torch.cuda.OutOfMemoryError:
-                run = {"model": model, "amp": amp, "error": "out of memory"}
-            except Exception as err:  # one broken configuration must not cost the others' numbers
-                first = (str(err).strip().splitlines() or [""])[0][:200]
-                run = {"model": model, "amp": amp, "error": f"{type(err).__name__}: {first}"}
-            run["wall_s"] = time.monotonic() - tic
-            result["runs"].append(run)
-            print(f"gpu_check: {model} amp={amp}: "
-                  + (run.get("error") or f"{run['images_per_s']:.1f} img/s") + f" ({run['wall_s']:.0f} s)",
-                  file=sys.__stdout__, flush=True)
-            # Written after each configuration: a run cut short still leaves what it measured.
-            Path(loop_config["result"]).write_text(json.dumps(result, indent=2) + "\n")
+    for model, label in loop_config["runs"]:
+        named = {"model": model, "config": label, "amp": label.split("+")[0]}
+        if time.monotonic() > deadline:
+            result["runs"].append({**named, "error": "skipped: over budget"})
+            continue
+        tic = time.monotonic()
+        try:
+            run = measure(model, label, device, sizes)
+        except torch.cuda.OutOfMemoryError:
+            run = {**named, "error": "out of memory"}
+        except Exception as err:  # one broken configuration must not cost the others' numbers
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            run = {**named, "error": f"{type(err).__name__}: {first}"}
+        run["wall_s"] = time.monotonic() - tic
+        result["runs"].append(run)
+        print(f"gpu_check: {model} {label}: "
+              + (run.get("error") or f"{run['images_per_s']:.1f} img/s") + f" ({run['wall_s']:.0f} s)",
+              file=sys.__stdout__, flush=True)
+        # Written after each configuration: a run cut short still leaves what it measured.
+        Path(loop_config["result"]).write_text(json.dumps(result, indent=2) + "\n")
+        Path(loop_config["result"]).with_suffix(".md").write_text(table(result) + "\n")
 
 
 def ray_worker(loop_config: dict) -> None:
@@ -347,26 +390,41 @@ def table(result: dict) -> str:
              f"Per step: batch {sizes['batch']} of {sizes['size']}x{sizes['size']} source + target "
              f"crops, {NUM_CLASSES} classes, random init, generated data; {sizes['steps']} timed "
              f"steps after {sizes['warmup']}, split over {sizes['phase_steps']} more.", "",
-             "| model | amp | images/s | step ms | split step ms | " + " | ".join(PHASES)
-             + " | other | peak GiB | "
-             "TFLOP/step | TFLOP/s | of bf16 matmul | of spec peak |",
-             "|---" * (len(PHASES) + 11) + "|"]
+             "| model | config | images/s | step ms | split step ms | " + " | ".join(PHASES)
+             + " | other | pull+rw | peak GiB | TFLOP/step | TFLOP/s | of bf16 matmul | of spec peak |",
+             "|---" * (len(PHASES) + 12) + "|"]
+    fits = []
     for run in result["runs"]:
         if "error" in run:
-            lines.append(f"| {run['model']} | {run['amp']} | {run['error']} |")
+            lines.append(f"| {run['model']} | {run.get('config', run['amp'])} | {run['error']} |")
             continue
         phases = " | ".join(f"{run['phases_ms'][p]:.1f}" for p in (*PHASES, "other"))
         peak = f"{run['peak_memory_gib']:.1f}" if run["peak_memory_gib"] is not None else "–"
-        share = f"{100 * run['model_tflops'] / result['matmul_bf16_tflops']:.1f} %"
-        of_spec = f"{100 * run['model_tflops'] / spec:.1f} %" if spec else "–"
-        lines.append(f"| {run['model']} | {run['amp']} | {run['images_per_s']:.1f} | "
-                     f"{run['step_ms']:.1f} | {run['step_ms_phase_timed']:.1f} | {phases} | {peak} | "
-                     f"{run['tflop_per_step']:.2f} | "
-                     f"{run['model_tflops']:.1f} | {share} | {of_spec} |")
+        flops = run["tflop_per_step"] is not None
+        share = f"{100 * run['model_tflops'] / result['matmul_bf16_tflops']:.1f} %" if flops else "–"
+        of_spec = f"{100 * run['model_tflops'] / spec:.1f} %" if spec and flops else "–"
+        lines.append(f"| {run['model']} | {run['config']} | {run['images_per_s']:.1f} | "
+                     f"{run['step_ms']:.1f} | {run['step_ms_phase_timed']:.1f} | {phases} | "
+                     f"{100 * run['pull_reweight_share']:.1f} % | {peak} | "
+                     + (f"{run['tflop_per_step']:.2f} | {run['model_tflops']:.1f}" if flops else "– | –")
+                     + f" | {share} | {of_spec} |")
+        if run.get("fits_gib"):
+            need = run["peak_reserved_gib"] + run["overhead_gib"]
+            fits.append(f"| {run['model']} | {run['config']} | {run['peak_memory_gib']:.2f} | "
+                        f"{run['peak_reserved_gib']:.2f} | {run['overhead_gib']:.2f} | {need:.2f} | "
+                        + " | ".join("yes" if run["fits_gib"][str(c)] else "no" for c in CARDS_GIB)
+                        + " |")
     lines.append("\nstep ms: timed steps without hooks. The phases (ms per step, CUDA events on a "
                  "GPU) split the further steps, whose mean is split step ms; other = split step - "
-                 "phases. TFLOP/s counts matmuls and convolutions, forward and backward "
-                 "(torch.utils.flop_counter), over step ms.")
+                 "phases; pull+rw = (pull loss + re-weighting) / split step. TFLOP/s counts "
+                 "matmuls and convolutions, forward and backward (torch.utils.flop_counter), over "
+                 "step ms.")
+    if fits:
+        lines += ["", "| model | config | peak allocated GiB | peak reserved GiB | outside allocator "
+                  "GiB | needs GiB | " + " | ".join(f"fits {c} GiB" for c in CARDS_GIB) + " |",
+                  "|---" * (6 + len(CARDS_GIB)) + "|", *fits,
+                  "\nneeds = peak reserved + memory outside the allocator (CUDA context, library "
+                  "workspaces), measured on this card; fits = needs <= the card's size."]
     return "\n".join(lines)
 
 
@@ -375,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="toy sizes on the CPU over gloo (tests the script without a GPU)")
     parser.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--configs", nargs="+", metavar="CONFIG",
+                        help="<none|bf16>[+compile][+ckpt] for each of --models (default: RUNS)")
     parser.add_argument("--launcher", default="auto", choices=("auto", "ray", "torch"),
                         help="ray: a Ray Train worker; torch: this process in a one-process group; "
                         "auto: ray where it is installed")
@@ -385,13 +445,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: error: no CUDA device visible (on a CPU use --cpu-smoke)", file=sys.stderr)
         return 2
+    runs = [run for run in RUNS if run[0] in args.models]
+    if args.configs:
+        for label in args.configs:
+            try:
+                parse_config(label)
+            except ValueError as err:
+                print(f"gpu_check: error: --configs: {err}", file=sys.stderr)
+                return 2
+        runs = [(model, label) for model in args.models for label in args.configs]
     launcher = args.launcher
     if launcher == "auto":
         launcher = "ray" if importlib.util.find_spec("ray") else "torch"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check_cpu_smoke" if args.cpu_smoke else "gpu_check"
-    loop_config = {"sizes": "cpu_smoke" if args.cpu_smoke else "gpu", "models": args.models,
+    loop_config = {"sizes": "cpu_smoke" if args.cpu_smoke else "gpu", "runs": runs,
                    "budget_s": args.budget_s, "result": str((out / f"{stem}.json").resolve()),
                    "launcher": ("Ray Train TorchTrainer, 1 worker" if launcher == "ray" else
                                 "torch.distributed, one process (ray not used)")}
@@ -406,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [run for run in result["runs"] if "error" in run]
     if failed and len(failed) == len(result["runs"]):
         print(f"gpu_check: error: all {len(failed)} configurations failed (first: "
-              f"{failed[0]['model']} {failed[0]['amp']}: {failed[0]['error']})", file=sys.stderr)
+              f"{failed[0]['model']} {failed[0].get('config', failed[0]['amp'])}: {failed[0]['error']})",
+              file=sys.stderr)
         return 1
     return 0
 

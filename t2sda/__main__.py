@@ -113,6 +113,7 @@ def _prepare(args) -> tuple[Path, Path | None, Config]:
 def _train(args) -> int:
     import torch
 
+    from t2sda.perf import CompileError, compile_error
     from t2sda.step import NonFiniteLossError
     from t2sda.train import train
 
@@ -143,8 +144,13 @@ def _train(args) -> int:
     try:
         metrics = train(cfg, device=device, run_dir=run_dir, resume=resume, report=_print_report)
         finished = True
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CompileError) as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # e.g. a compiled backward failing to build at the first step
+        if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        print(f"t2sda: error: {compile_error(err, 'model', cfg.train.compile)}", file=sys.stderr)
         return 1
     finally:
         dist.shutdown(wait=finished)

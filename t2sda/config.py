@@ -264,6 +264,10 @@ class TrainConfig:
     # statistics over the global batch instead of each rank's shard. CUDA only (DDP refuses
     # SyncBatchNorm on CPU/gloo); one process has nothing to sync, so it is a no-op there.
     sync_bn: bool = False
+    # torch.compile of the student's and teacher's segmentor forward (docs/performance.md)
+    compile: str = "none"  # none | default | max-autotune
+    # Activation checkpointing of the student's backbone stages: less memory, ~1 more forward
+    grad_checkpoint: bool = False  # daformer_mitb5 / deeplabv2_r101 only
     fail_at_step: int = -1  # testing aid: raise once at this step (fault-tolerance tests)
     # At each evaluation: feature diagnostics feat/... (t2sda/monitor.py) and the label-free
     # model-selection scores select/... (t2sda/validators.py).
@@ -278,6 +282,7 @@ class TrainConfig:
         _non_negative("train.images_every", self.images_every)
         _choice("train.amp", self.amp, ("auto", "bf16", "none"))
         _non_negative("train.threads", self.threads)
+        _choice("train.compile", self.compile, ("none", "default", "max-autotune"))
 
 
 @dataclass(kw_only=True)

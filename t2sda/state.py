@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from t2sda import dist
+from t2sda import dist, perf
 from t2sda.config import Config, ConfigError
 from t2sda.dist import unwrap
 from t2sda.method.class_weights import ClassWeighter
@@ -124,6 +124,7 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
         network = network.to(memory_format=torch.channels_last)
         imnet = imnet.to(memory_format=torch.channels_last) if imnet is not None else None
     teacher = EMATeacher(network)
+    perf.apply(cfg.train, student=segmentor, teacher=teacher.model.segmentor, model_name=cfg.model.name)
     backbone, head = segmentor.param_groups()
     if proj is not None:
         head = head + list(proj.parameters())

@@ -13,23 +13,40 @@ def _smoke(out: Path, *args: str) -> dict:
     """scripts/gpu_check.py --cpu-smoke as on a lent machine (its own process), one model."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu-smoke", "--out", str(out),
-                           "--models", "deeplabv2_r101", *args],
+                           "--models", "deeplabv2_r101", "--configs", "none", "bf16+ckpt", *args],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "gpu_check_cpu_smoke.json").read_text())
     assert result["group"]["all_reduce_ok"] and result["group"]["world_size"] == 1
-    assert [(r["model"], r["amp"]) for r in result["runs"]] == [("deeplabv2_r101", "none"),
-                                                                ("deeplabv2_r101", "bf16")]
+    assert [(r["model"], r["config"], r["grad_checkpoint"]) for r in result["runs"]] == [
+        ("deeplabv2_r101", "none", False), ("deeplabv2_r101", "bf16+ckpt", True)]
     for run in result["runs"]:
         assert "error" not in run, run
         assert run["images_per_s"] > 0 and run["tflop_per_step"] > 0
         assert set(run["phases_ms"]) == {"student forward", "teacher forward", "pull loss",
-                                         "backward", "optimizer", "EMA", "other"}
+                                         "re-weighting", "backward", "optimizer", "EMA", "other"}
         assert all(run["phases_ms"][p] > 0 for p in ("student forward", "backward", "pull loss",
-                                                      "EMA"))
+                                                      "re-weighting", "EMA"))
+        phases = run["phases_ms"]
+        share = (phases["pull loss"] + phases["re-weighting"]) / run["step_ms_phase_timed"]
+        assert run["pull_reweight_share"] == pytest.approx(share) and 0 < share < 1
     table = (out / "gpu_check_cpu_smoke.md").read_text()
-    assert "| deeplabv2_r101 | bf16 |" in table
+    assert "| deeplabv2_r101 | bf16+ckpt |" in table
     return result
+
+
+def test_gpu_check_configs_are_validated(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.parse_config("bf16+compile+ckpt") == {
+        "train.amp": "bf16", "train.compile": "default", "train.grad_checkpoint": True}
+    for _, label in gpu_check.RUNS:  # every default configuration is a valid config
+        gpu_check.parse_config(label)
+    assert gpu_check.main(["--cpu-smoke", "--configs", "bf16+fast"]) == 2
+    assert "--configs: configuration 'bf16+fast'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

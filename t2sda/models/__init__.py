@@ -48,6 +48,10 @@ class Segmentor(nn.Module):
     def normalise(self, image: Tensor) -> Tensor:
         return (image - self.mean) / self.std
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's activations in the backward (training with grad only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no activation checkpointing")
+
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, head parameters)."""
         return list(self.backbone.parameters()), list(self.head.parameters())

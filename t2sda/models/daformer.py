@@ -85,6 +85,14 @@ class DAFormer(Segmentor):
         channels = tuple(self.backbone.feature_info.channels())  # (64, 128, 320, 512)
         self.head = DAFormerHead(channels, num_classes, embed_dim=self.feature_dim)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # timm's per-block checkpointing inside each of the four stages (the features_only
+        # wrapper's own flag would checkpoint whole stages and skip the first and last).
+        # The MiT / PVTv2 blocks hold LayerNorms only, so the recomputation is exact.
+        for module in self.backbone.modules():
+            if module is not self.backbone and hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
+
     def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
         features = self.backbone(self.normalise(image))  # 4 maps at strides 4, 8, 16, 32
         out = self.head(features)  # logits (B, C, H/4, W/4), feature (B, 256, H/4, W/4)

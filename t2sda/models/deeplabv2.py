@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from t2sda.models import Segmentor
+from t2sda.models.recompute import checkpoint
 
 
 class ASPPClassifier(nn.Module):
@@ -47,9 +49,26 @@ class DeepLabV2(Segmentor):
             pretrained=pretrained_timm,
         )
         self.head = ASPPClassifier(self.feature_dim, num_classes)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # Per residual block of layer1-4 (timm's own flag would checkpoint whole stages, skip
+        # layer4, and update BatchNorm statistics twice; see models/recompute.py).
+        self.grad_checkpointing = enable
 
     def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
-        (feature,) = self.backbone(self.normalise(image))  # (B, 2048, H/8, W/8)
+        x = self.normalise(image)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # The features_only wrapper is the stem then layer1..layer4 in order, layer4 last.
+            for name, module in self.backbone.items():
+                if name.startswith("layer"):
+                    for block in module:
+                        x = checkpoint(block, x)
+                else:
+                    x = module(x)
+            feature = x
+        else:
+            (feature,) = self.backbone(x)  # (B, 2048, H/8, W/8)
         out = self.head(feature), feature  # logits (B, C, H/8, W/8)
         return (*out, feature) if with_bottleneck else out
 
