@@ -97,7 +97,7 @@ def _check_args(args) -> None:
         raise UsageError(f"--cpus-per-worker {args.cpus_per_worker:g}: must be > 0")
     if args.max_failures < 0:
         raise UsageError(f"--max-failures {args.max_failures}: must be >= 0")
-    if args.metric not in validators.DIRECTIONS:
+    if args.metric is not None and args.metric not in validators.DIRECTIONS:
         raise UsageError(f"--metric {args.metric}: unknown (choose from "
                          f"{', '.join(validators.DIRECTIONS)})")
     if args.reduction_factor is not None and args.reduction_factor < 2:
