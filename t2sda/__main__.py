@@ -12,6 +12,7 @@ from pathlib import Path
 from t2sda import dist
 from t2sda.checkpoint import CheckpointError, latest
 from t2sda.cli import evaluate as evaluate_cli
+from t2sda.cli import export as export_cli
 from t2sda.config import Config, ConfigError
 from t2sda.data import check as check_data
 from t2sda.presets import PRESETS, get_preset
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     check_data.add_arguments(data.add_parser(
         "check", help="validate a dataset folder: layout, pairs, sizes, label ids, histogram"))
     evaluate_cli.add_arguments(sub.add_parser("evaluate", help="score a trained model on labelled data"))
+    export_cli.add_arguments(sub.add_parser("export", help="write a trained model as ONNX or TorchScript"))
     return parser
 
 
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return check_data.main(args)
         if args.command == "evaluate":
             return evaluate_cli.main(args)
+        if args.command == "export":
+            return export_cli.main(args)
     except (ConfigError, CheckpointError, UsageError) as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return 2
