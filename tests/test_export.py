@@ -86,13 +86,14 @@ def test_torchscript_uint8_float_labels(tmp_path):
     assert torch.equal(runs["float", "labels"](image.float() / 255), labels)
 
 
-def test_cli_onnx_float_labels(run_dir, onnx_logits, tmp_path, capsys):
+def test_cli_onnx_float_labels(run_dir, onnx_logits, tmp_path, caplog):
     """The command: a float -> labels ONNX file and its sidecar; its labels equal the argmax of
     the uint8 -> logits file's (same checkpoint) on the same pixels."""
     out = tmp_path / "model" / "labels.onnx"
-    assert main(["export", "--run-dir", str(run_dir), "--out", str(out), "--output", "labels",
-                 "--input", "float", "--dynamic", "--size", "64x64"]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="t2sda"):
+        assert main(["export", "--run-dir", str(run_dir), "--out", str(out), "--output", "labels",
+                     "--input", "float", "--dynamic", "--size", "64x64"]) == 0
+    printed = caplog.text
     assert "argmax agreement 100.0000 %" in printed and "input 2x3x104x88" in printed
     info = json.loads((tmp_path / "model" / "labels.onnx.json").read_text())
     assert info["class_names"] == list(digits.CLASS_NAMES) and len(info["palette"]) == 11
