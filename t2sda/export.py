@@ -128,6 +128,23 @@ def _export_onnx(module: Deployable, example: Tensor, path: Path, *, dynamic: bo
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
     program.save(str(path), external_data=False)  # one file (models here are far below 2 GB)
+    if dynamic:
+        _name_axes(path)
+
+
+def _name_axes(path: Path) -> None:
+    """Call the exporter's symbolic axes ("s40", ...) batch, height and width everywhere."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    names = {dims[i].dim_param: name for i, name in ((0, "batch"), (2, "height"), (3, "width"))
+             if dims[i].dim_param}
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    onnx.save(model, str(path))
 
 
 def load_runner(path: Path, fmt: str):

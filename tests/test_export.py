@@ -54,6 +54,12 @@ def test_onnx_runs_in_onnxruntime_at_any_size(onnx_logits):
     module, path = onnx_logits
     checks = export.verify(module, path, fmt="onnx", size=(64, 64), dynamic=True)
     assert [c["input"] for c in checks] == [[1, 3, 64, 64], [2, 3, 104, 88]]
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (graph.input[0], graph.output[0])] == [["batch", 3, "height", "width"],
+                                                            ["batch", 11, "height", "width"]]
     run = export.load_runner(path, "onnx")
     for shape in ((1, 3, 64, 64), (3, 3, 40, 72)):  # a size the export never saw
         image = _image(shape)
