@@ -12,6 +12,7 @@ from pathlib import Path
 from t2sda import dist, settings
 from t2sda.checkpoint import CheckpointError, latest
 from t2sda.cli import evaluate as evaluate_cli
+from t2sda.cli import export as export_cli
 from t2sda.cli import predict as predict_cli
 from t2sda.config import Config, ConfigError
 from t2sda.data import check as check_data
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a dataset folder: layout, pairs, sizes, label ids, histogram"))
     evaluate_cli.add_arguments(sub.add_parser("evaluate", help="score a trained model on labelled data"))
     predict_cli.add_arguments(sub.add_parser("predict", help="segment images with a trained model"))
+    export_cli.add_arguments(sub.add_parser("export", help="write a trained model as ONNX or TorchScript"))
     return parser
 
 
@@ -226,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_cli.main(args)
         if args.command == "predict":
             return predict_cli.main(args)
-        return _train(args)  # the parser admits only train, data, evaluate and predict
+        if args.command == "export":
+            return export_cli.main(args)
+        return _train(args)  # the parser admits only train, data, evaluate, predict and export
     except (ConfigError, CheckpointError, UsageError) as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return 2
