@@ -75,3 +75,18 @@ def ray_cluster():
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A digits run dir holding one untrained small_cnn checkpoint (step 7), for the commands
+    that use a trained model (predict, export)."""
+    from t2sda import checkpoint
+    from t2sda.state import build_state
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = get_preset("digits")
+    cfg.save(root / "config.json")
+    state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
+    checkpoint.save(root / "checkpoints" / "step_7", {"state": state.state_dict(), "step": 7}, score=1.0)
+    return root

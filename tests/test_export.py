@@ -9,14 +9,12 @@ import os
 import pytest
 import torch
 
-from t2sda import checkpoint, export
+from t2sda import export
 from t2sda.__main__ import main
 from t2sda.data import digits
 from t2sda.export import Deployable
 from t2sda.inference import load_trained
 from t2sda.models import build_model
-from t2sda.presets import get_preset
-from t2sda.state import build_state
 
 pytest.importorskip("onnxruntime")
 
@@ -29,17 +27,6 @@ def _assert_close(got, expected):
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
     assert (got.argmax(1) == expected.argmax(1)).float().mean().item() >= 0.999
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A digits run dir holding one small_cnn checkpoint (step 7)."""
-    root = tmp_path_factory.mktemp("run")
-    cfg = get_preset("digits")
-    cfg.save(root / "config.json")
-    state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
-    checkpoint.save(root / "checkpoints" / "step_7", {"state": state.state_dict(), "step": 7}, score=1.0)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2sda import checkpoint
 from t2sda.__main__ import main
-from t2sda.presets import get_preset
-from t2sda.state import build_state
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    cfg = get_preset("digits")
-    cfg.save(root / "config.json")
-    state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
-    checkpoint.save(root / "checkpoints" / "step_1", {"state": state.state_dict(), "step": 1}, score=1.0)
-    return root
 
 
 def _image(path, w, h, seed=0):
