@@ -237,6 +237,22 @@ def run_step(state, batches, cfg, i: int) -> None:
     train_step(state, *batches[i % len(batches)], cfg)
 
 
+_BACKBONES: dict[str, str] = {}
+
+
+def _initial_backbone(model: str) -> str:
+    """A file holding the randomly initialised backbone of ``model`` (seed 0), made once."""
+    if model not in _BACKBONES:
+        from t2sda.models import build_model
+
+        torch.manual_seed(0)
+        folder = Path(tempfile.mkdtemp(prefix="gpu-check-init-"))
+        path = folder / f"{model}_init.pth"
+        torch.save(build_model(model, num_classes=NUM_CLASSES).backbone.state_dict(), path)
+        _BACKBONES[model] = str(path)
+    return _BACKBONES[model]
+
+
 def measure(model: str, label: str, device: torch.device, sizes: dict) -> dict:
     import torch._dynamo
     from torch.utils.flop_counter import FlopCounterMode
@@ -245,8 +261,11 @@ def measure(model: str, label: str, device: torch.device, sizes: dict) -> dict:
     from t2sda.state import build_state
 
     overrides = parse_config(label)
+    # No weights can be fetched on a lent machine: random init, and the recipe's feature
+    # distance (method.fd_weight) measured against that initial backbone, written to a file.
     cfg = get_preset(PRESETS[model]).with_overrides(
-        {"model.pretrained": "", "data.batch_size": sizes["batch"], **overrides})
+        {"model.pretrained": _initial_backbone(model), "data.batch_size": sizes["batch"],
+         **overrides})
     cuda = device.type == "cuda"
     torch._dynamo.reset()  # each configuration compiles (or not) from scratch
     if cuda:
