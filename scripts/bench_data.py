@@ -77,7 +77,9 @@ def time_step(cfg, *, steps: int) -> float:
     from t2sda.state import build_state
     from t2sda.step import train_step
 
-    cfg = cfg.with_overrides({"model.pretrained": "", "method.self_training_start": 0})
+    # random init: no ImageNet backbone to measure the feature distance against
+    cfg = cfg.with_overrides({"model.pretrained": "", "method.fd_weight": 0,
+                              "method.self_training_start": 0})
     state = build_state(cfg, num_classes=19, device=torch.device("cpu"), wrap=None)
     b, s = cfg.data.batch_size, cfg.data.crop_size
     src, tgt = torch.rand(b, 3, s, s), torch.rand(b, 3, s, s)

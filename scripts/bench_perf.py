@@ -62,7 +62,8 @@ def batch(size: int, b: int, classes: int) -> tuple[torch.Tensor, ...]:
 def compile_run(model: str, mode: str, size: int, b: int, steps: int) -> dict:
     preset, classes = COMPILE_MODELS[model]
     cfg = get_preset(preset).with_overrides({
-        "model.pretrained": "", "train.compile": mode, "data.batch_size": b, "data.image_size": size,
+        "model.pretrained": "", "method.fd_weight": 0, "train.compile": mode, "data.batch_size": b,
+        "data.image_size": size,
         "method.self_training_start": 0, "method.num_queries": 16, "method.num_negatives": 16})
     torch._dynamo.reset()
     state = build_state(cfg, num_classes=classes, device=torch.device("cpu"))
