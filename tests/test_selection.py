@@ -88,28 +88,3 @@ def test_unknown_metric_is_a_one_line_usage_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("tune.py: error: --metric nope: unknown (choose from target_miou, source_miou, "
                    "agreement, entropy, snd)")
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_search_by_a_validator_end_to_end(ray_cluster, tmp_path, capsys):
-    from tests.test_tune import TINY_SEARCH
-
-    code = search.main(["--space", "pull_loss", "--storage", str(tmp_path), "--name", "sel",
-                        "--metric", "entropy", "--num-samples", "3", "--max-concurrent", "1",
-                        "--scheduler", "none", "--set", *TINY_SEARCH, "data.source_val_images=8",
-                        "train.iters=4"])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    exp = tmp_path / "sel"
-    best = json.loads((exp / "best_config.json").read_text())
-    with (exp / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert best["metric"] == "select/best_entropy"
-    assert float(best["value"]) == min(float(r["entropy"]) for r in rows)  # min: lowest wins
-    saved = json.loads((exp / "selection.json").read_text())
-    assert {"source_miou", "agreement", "entropy", "snd", "target_miou"} <= set(saved)
-    assert saved["entropy"]["picked_trial"] == best["trial_id"]
-    assert float(next(r for r in rows if r["trial_id"] == best["trial_id"])["target_miou"]) == \
-        pytest.approx(saved["entropy"]["picked_target_miou"])
-    assert "model selection" in out

@@ -24,6 +24,7 @@ TINY_SEARCH = [
     "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2", "train.threads=1",
     "method.self_training_start=2", "method.pull_warmup=0", "method.weight_warmup=2",
     "method.num_queries=16", "method.num_negatives=16", "optim.warmup_iters=1",
+    "data.source_val_images=8",
 ]
 
 
@@ -34,9 +35,12 @@ def _rows(exp: Path) -> list[dict]:
 
 @pytest.mark.ray
 def test_search_end_to_end(ray_cluster, tmp_path, capsys):
+    # Ranked by a label-free validator (entropy, lower is better); the default metric
+    # (target mIoU) runs in the interrupted-search test below.
     code = search.main(["--space", "pull_loss", "--storage", str(tmp_path), "--name", "e2e",
-                        "--num-samples", "3", "--max-concurrent", "1", "--grace-period", "4",
-                        "--reduction-factor", "2", "--set", *TINY_SEARCH, "train.iters=12"])
+                        "--metric", "entropy", "--num-samples", "3", "--max-concurrent", "1",
+                        "--grace-period", "4", "--reduction-factor", "2", "--set", *TINY_SEARCH,
+                        "train.iters=12"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     exp = tmp_path / "e2e"
@@ -69,8 +73,17 @@ def test_search_end_to_end(ray_cluster, tmp_path, capsys):
     assert any(b"hparams" in p.read_bytes() for p in exp.glob("trial-*/events.out.tfevents.*"))
     assert (exp / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "top 3 of 3 trials" in out and "tensorboard --logdir" in out
-    # best_config.json trains with the winning parameters.
+    # Ranked by entropy: the best trial has the lowest; every validator is scored as a selector.
     best = json.loads((exp / "best_config.json").read_text())
+    assert best["metric"] == "select/best_entropy"
+    assert float(best["value"]) == min(float(r["entropy"]) for r in rows)
+    saved = json.loads((exp / "selection.json").read_text())
+    assert {"source_miou", "agreement", "entropy", "snd", "target_miou"} <= set(saved)
+    assert saved["entropy"]["picked_trial"] == best["trial_id"]
+    assert float(next(r for r in rows if r["trial_id"] == best["trial_id"])["target_miou"]) == \
+        pytest.approx(saved["entropy"]["picked_target_miou"])
+    assert "model selection" in out
+    # best_config.json trains with the winning parameters.
     cfg = Config.load(exp / "best_config.json").with_overrides(["train.iters=2"])
     assert cfg.method.pull_temperature == best["params"]["method.pull_temperature"]
     metrics = train(cfg, device=torch.device("cpu"), run_dir=tmp_path / "best-run")
