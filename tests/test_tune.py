@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from t2sda.config import Config
-from t2sda.ray_glue import search
+from t2sda.ray_glue import search, summary
 from t2sda.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,10 +220,10 @@ def test_trial_status_and_config_fall_back_loudly(caplog):
     from t2sda.presets import get_preset
 
     with caplog.at_level("WARNING", logger="t2sda"):
-        assert search._saved_status({"a": "TERMINATED"}, "a") == "TERMINATED"
+        assert summary._saved_status({"a": "TERMINATED"}, "a") == "TERMINATED"
         assert not caplog.records
-        assert search._saved_status({"a": "TERMINATED"}, "b") == "UNKNOWN"  # not "finished"
-        assert search._trial_config(get_preset("digits"), {"method.pull_weight": -1}, "c") is None
+        assert summary._saved_status({"a": "TERMINATED"}, "b") == "UNKNOWN"  # not "finished"
+        assert summary._trial_config(get_preset("digits"), {"method.pull_weight": -1}, "c") is None
     assert [r.getMessage().split(" (")[0].split(";")[0] for r in caplog.records] == [
         "trial b: not in the saved experiment state", "trial c: its parameters make no valid config"]
     assert "method.pull_weight=-1" in caplog.records[1].getMessage()

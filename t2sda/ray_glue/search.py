@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -31,8 +30,9 @@ import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset
-from t2sda.ray_glue import driver, report, selection, shared_warmup, tune_settings
+from t2sda.ray_glue import driver, shared_warmup, tune_settings
 from t2sda.ray_glue.storage import check_storage
+from t2sda.ray_glue.summary import summarize
 from t2sda.settings import flatten
 
 log = logging.getLogger("t2sda")
@@ -242,7 +242,7 @@ def run(args) -> int:
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
-    return _summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples)
+    return summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples)
 
 
 def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
@@ -333,97 +333,6 @@ def _check_experiment(exp_dir: Path, *, resume: bool) -> None:
     if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
         raise UsageError(f"experiment {exp_dir} exists; pass --resume to continue it, or "
                          "choose another --name")
-
-
-def _summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, exp_path: str,
-               searcher, num_samples: int) -> int:
-    rows = []
-    # Tune's saved status per trial: after a Ctrl-C the live grid calls unfinished trials
-    # terminated, the saved experiment state knows they were still running.
-    status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(exp_path).trials}
-    for result in grid:
-        trial_id = Path(result.path).name.removeprefix("trial-")
-        params = {k: v for k, v in (result.config or {}).items()}
-        config = _trial_config(base, params, trial_id)
-        value = (result.metrics or {}).get(metric)
-        rows.append(report.TrialRow(
-            trial_id=trial_id,
-            status="ERROR" if result.error else _saved_status(status, trial_id),
-            params=params,
-            value=value if isinstance(value, (int, float)) and math.isfinite(value) else None,
-            steps=int((result.metrics or {}).get("step") or 0),
-            config=config,
-            error=_first_line(result.error) if result.error else None,
-            scores=_scores(result.metrics or {}),
-            run_dir=f"{exp_path}/train-{trial_id}",
-            # Checkpoints in a bucket are not listed here; evaluate reads local dirs.
-            checkpoint=None if "://" in exp_path else report.best_checkpoint(
-                Path(exp_path) / f"train-{trial_id}"),
-        ))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(report.write_results(rows, out_dir, metric=metric, mode=mode))
-    print(selection.write_selection(rows, out_dir, report._atomic_write))
-    study = _study(searcher, exp_path)
-    if study is not None:
-        print(report.format_importances(report.importances(study, out_dir)))
-    if "://" in exp_path:  # results beside the trials in the bucket
-        import pyarrow.fs
-        pyarrow.fs.copy_files(str(out_dir), exp_path)
-    print(f"results: {out_dir}/results.csv, best_config.json, summary.png, selection.json\n"
-          f"train the best: python -m t2sda train --config {out_dir}/best_config.json\n"
-          f"TensorBoard:    tensorboard --logdir {exp_path}")
-    unfinished = len(rows) < num_samples or any(r.status not in ("TERMINATED", "ERROR") for r in rows)
-    if unfinished:
-        print(f"the search stopped before its {num_samples} trials ended; continue it with the "
-              "same command plus --resume")
-    return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1
-
-
-def _scores(metrics: dict) -> dict[str, float]:
-    """A trial's last report -> best-so-far target mIoU and validators, by validator name."""
-    out = {}
-    for name in validators.DIRECTIONS:
-        value = metrics.get(validators.best_key(name))
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[name] = float(value)
-    return out
-
-
-def _trial_config(base: Config, params: dict, trial_id: str) -> dict | None:
-    """The trial's full config, or None (with a warning naming the trial and the key) when its
-    parameters do not make a valid one: such a trial cannot go to best_config.json."""
-    try:
-        return base.with_overrides(params).to_dict()
-    except ConfigError as err:
-        log.warning("trial %s: its parameters make no valid config (%s); it cannot be "
-                    "written to best_config.json", trial_id, err)
-        return None
-
-
-def _saved_status(saved: dict[str, str], trial_id: str) -> str:
-    """The trial's status in the saved experiment state; UNKNOWN (an unfinished trial, so the
-    --resume hint shows) when it is not there, never TERMINATED by default."""
-    if trial_id in saved:
-        return saved[trial_id]
-    log.warning("trial %s: not in the saved experiment state; counted as unfinished", trial_id)
-    return "UNKNOWN"
-
-
-def _study(searcher, exp_path: str):
-    """The Optuna study: the live searcher's, or (after --resume) the one Tune saved."""
-    if searcher is None:
-        searcher = OptunaSearch()
-        try:
-            searcher.restore_from_dir(exp_path)
-        except Exception as err:  # no searcher state saved: importances are optional
-            log.warning("no Optuna state to read importances from (%s)", _first_line(err))
-            return None
-    return getattr(searcher, "_ot_study", None)
-
-
-def _first_line(err) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
 
 
 def main(argv: list[str] | None = None) -> int:
