@@ -161,10 +161,14 @@ class MethodConfig:
     pull_weight: float = 0.1  # lambda; 0 switches the pull term off
     pull_warmup: int = 0  # steps over which lambda ramps in (after self_training_start)
     pull_temperature: float = 0.2
+    pull_source_pixels: bool = True  # queries from target-like source pixels (labels y_s)
     pull_target_pixels: bool = True  # also pull confident target pixels (teacher labels)
     pull_target_threshold: float = 0.968  # teacher confidence a target pixel needs to be pulled
     pull_keys: str = "bank"  # bank (EMA prototypes of past batches) | batch
     pull_key_net: str = "teacher"  # teacher (EMA) | student (its own x_s pass, detached: cheaper)
+    # proj: the pull acts on the training-only projection head's output (model.proj_dim);
+    # decoder: directly on the decoder feature the classifier reads (no projection head)
+    pull_feature: str = "proj"
     proto_momentum: float = 0.99
     negatives: str = "pixels"  # pixels | prototypes
     negative_sampling: str = "balanced"  # balanced (evenly per class) | uniform
@@ -210,6 +214,11 @@ class MethodConfig:
         _positive("method.pull_temperature", self.pull_temperature)
         _choice("method.pull_keys", self.pull_keys, ("bank", "batch"))
         _choice("method.pull_key_net", self.pull_key_net, ("teacher", "student"))
+        _choice("method.pull_feature", self.pull_feature, ("proj", "decoder"))
+        _check(self.pull_weight == 0 or self.pull_source_pixels or self.pull_target_pixels,
+               "method.pull_source_pixels", self.pull_source_pixels,
+               "the pull needs queries: set it or method.pull_target_pixels to true "
+               "(or method.pull_weight=0)")
         _unit("method.proto_momentum", self.proto_momentum, open_high=True)
         _choice("method.negatives", self.negatives, ("pixels", "prototypes"))
         _choice("method.negative_sampling", self.negative_sampling, ("balanced", "uniform"))

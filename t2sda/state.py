@@ -89,6 +89,11 @@ def uses_pull(cfg: Config) -> bool:
     return cfg.method.pull_weight > 0
 
 
+def pull_dim(cfg: Config, feature_dim: int) -> int:
+    """Size of the features the pull compares (the projection's, or the decoder feature's)."""
+    return feature_dim if cfg.method.pull_feature == "decoder" else cfg.model.proj_dim
+
+
 def adamw_impl(device: torch.device) -> dict[str, bool]:
     """AdamW implementation flags for `device`: one fused kernel on CUDA, multi-tensor (foreach) elsewhere.
 
@@ -116,7 +121,10 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {first}") from None
-    proj = ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim) if uses_pull(cfg) else None
+    proj = None
+    if uses_pull(cfg):  # decoder: the pull reads the decoder feature itself (no parameters)
+        proj = (nn.Identity() if cfg.method.pull_feature == "decoder"
+                else ProjectionHead(segmentor.feature_dim, cfg.model.proj_dim))
     # DAFormer's feature distance: a frozen copy of the backbone as loaded (ImageNet weights).
     imnet = FrozenBackbone(segmentor).to(device) if cfg.method.fd_weight > 0 else None
     network = Network(segmentor, proj).to(device)
@@ -139,7 +147,8 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
                                   **adamw_impl(device))
     m = cfg.method
     bank = (
-        PrototypeBank(num_classes, cfg.model.proj_dim, momentum=m.proto_momentum, device=device)
+        PrototypeBank(num_classes, pull_dim(cfg, segmentor.feature_dim), momentum=m.proto_momentum,
+                      device=device)
         if uses_pull(cfg)
         else None
     )

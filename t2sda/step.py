@@ -149,7 +149,8 @@ def train_step(
     student_in = [src_img] + ([query_img] if use_src_like else []) + ([mix_img] if adapt else [])
     picker = None
     if pulling:
-        query_label = [torch.full_like(src_label, IGNORE), src_label]
+        query_label = [torch.full_like(src_label, IGNORE),
+                       src_label if m.pull_source_pixels else torch.full_like(src_label, IGNORE)]
         if adapt and m.pull_target_pixels:
             confident = (tgt_conf >= m.pull_target_threshold) & (mask[:, 0] == 0)
             query_label.append(torch.where(confident, tgt_label, IGNORE))

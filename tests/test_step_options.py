@@ -28,6 +28,8 @@ CASES = {
     "pull_key_net_student": (["method.pull_key_net=student"], ALL),
     "pull_keys_batch": (["method.pull_keys=batch"], ALL),
     "no_target_pixels": (["method.pull_target_pixels=false"], ALL),
+    "target_pixels_only": (["method.pull_source_pixels=false"], ALL),
+    "pull_decoder_feature": (["method.pull_feature=decoder"], ALL),
     "uniform_negative_sampling": (["method.negative_sampling=uniform"], ALL),
     "mix_none": (["method.mix=none"], ALL),
     "no_strong_aug_no_query_aug": (["method.strong_aug=false", "method.query_aug=false"], ALL),
@@ -59,6 +61,9 @@ def test_every_switch_runs_through_the_step(tiny_cfg, name):
     state = build_state(cfg, num_classes=data.num_classes, device=torch.device("cpu"))
     student, proj = state.student, state.student.proj
     assert (proj is not None) == (cfg.method.pull_weight > 0)
+    if cfg.method.pull_feature == "decoder":  # no projection: the bank holds decoder features
+        assert isinstance(proj, torch.nn.Identity)
+        assert state.bank.prototypes.shape[1] == student.segmentor.feature_dim
     before = {k: p.detach().clone() for k, p in student.named_parameters()}
     teacher_before = [p.detach().clone() for p in state.teacher.parameters()]
     src, src_label, tgt = _batch(data, cfg.data.batch_size)
@@ -94,3 +99,37 @@ def test_every_switch_runs_through_the_step(tiny_cfg, name):
     assert head <= moved if "loss_pull" in expected else not head
     assert all(not torch.equal(a, b) for a, b in zip(teacher_before, state.teacher.parameters(),
                                                       strict=True))
+
+
+def test_pull_without_queries_is_a_config_error(tiny_cfg):
+    from t2sda.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.pull_source_pixels"):
+        tiny_cfg.with_overrides(["method.pull_source_pixels=false", "method.pull_target_pixels=false"])
+    cfg = tiny_cfg.with_overrides(["method.pull_source_pixels=false", "method.pull_target_pixels=false",
+                                   "method.pull_weight=0"])  # no pull: nothing to query
+    assert cfg.method.pull_weight == 0
+
+
+def test_target_only_queries_come_from_the_mixed_image(tiny_cfg, monkeypatch):
+    """pull_source_pixels=false: every query label is a teacher label of a target pixel."""
+    import t2sda.step as step_module
+
+    seen = {}
+    real = step_module.pull_loss
+
+    def spy(query, query_label, *args, **kwargs):
+        seen["n"] = len(query_label)
+        return real(query, query_label, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "pull_loss", spy)
+    cfg = tiny_cfg.with_overrides(["method.self_training_start=0", "method.pseudo_threshold=0.0",
+                                   "method.pull_target_threshold=1.0", "method.pull_source_pixels=false"])
+    data = build_datasets(cfg.data, seed=0)
+    state = build_state(cfg, num_classes=data.num_classes, device=torch.device("cpu"))
+    src, src_label, tgt = _batch(data, cfg.data.batch_size)
+    train_step(state, src, src_label, tgt, cfg)
+    assert seen["n"] == 0  # no target pixel reaches confidence 1.0 and source queries are off
+    cfg = cfg.with_overrides(["method.pull_target_threshold=0.0"])
+    train_step(state, src, src_label, tgt, cfg)
+    assert seen["n"] > 0

@@ -70,5 +70,5 @@ def strong_augment(
     blur = torch.rand(b, device=dev) < p_blur
     if blur.any():
         sigma = torch.empty(b, device=dev).uniform_(0.15, 1.15)
-        out = torch.where(blur[:, None, None, None], _blur(out, sigma), out)
+        out = out.index_put((blur,), _blur(out[blur], sigma[blur]))  # blur only those chosen
     return out

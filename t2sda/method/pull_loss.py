@@ -111,6 +111,8 @@ def sample_index(label: torch.Tensor, *, per_class: int | None, balanced: bool =
     if per_class is None:
         return torch.nonzero(label != ignore_index).squeeze(1)
     valid_mask = label != ignore_index
+    if not valid_mask.any():  # e.g. target-only queries and no confident pixel this step
+        return torch.zeros(0, dtype=torch.long, device=label.device)
     counts = torch.bincount(label[valid_mask])
     if not balanced:
         valid = torch.nonzero(valid_mask).squeeze(1)

@@ -22,7 +22,7 @@ from t2sda.state import uses_pull
 # weights (the score itself is updated all along) are only read by the pull.
 AFTER_ADAPTATION = frozenset(f"method.{key}" for key in (
     "pseudo_threshold", "pseudo_weight", "pseudo_ignore_top", "pseudo_ignore_bottom", "mix",
-    "pull_weight", "pull_warmup", "pull_temperature", "pull_target_pixels",
+    "pull_weight", "pull_warmup", "pull_temperature", "pull_source_pixels", "pull_target_pixels",
     "pull_target_threshold", "pull_keys", "pull_key_net", "proto_momentum", "negatives",
     "negative_sampling", "num_queries", "num_negatives", "query_aug", "weight_gamma",
     "weight_schedule", "weight_warmup",
