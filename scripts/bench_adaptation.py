@@ -100,12 +100,13 @@ def run_one(root: Path, preset: str, variant: str, seed: int, extra: list[str],
             "wall_s": float((run_dir / "wall_seconds").read_text())}
 
 
-def step_time(preset: str, extra: list[str], steps: int, files: dict[str, str]) -> dict:
-    """ms per adaptation step, one thread, with and without pull loss + re-weighting, and the
-    full method with style translation (random weights) or the feature distance added.
+def interleaved_step_ms(preset: str, extra: list[str], steps: int,
+                        settings: dict[str, list[str]]) -> dict[str, float]:
+    """Median ms per adaptation step, one thread, of each setting (overrides on the preset).
 
-    Both settings train side by side on the same batches, alternating blocks of 5 steps, so
-    drifting machine load hits both alike; the median step time of each is reported.
+    All settings train side by side on the same batches, alternating blocks of 5 steps, so
+    drifting machine load hits them alike; the first 5 steps of each (oneDNN warm-up) are not
+    counted.
     """
     import torch
 
@@ -115,13 +116,9 @@ def step_time(preset: str, extra: list[str], steps: int, files: dict[str, str]) 
     from t2sda.step import train_step
 
     torch.set_num_threads(1)
-    settings = {"without": ["method.pull_weight=0", "method.weight_mode=uniform"], "with": [],
-                "with_student_keys": ["method.pull_key_net=student"],
-                "with_style": variant_overrides("style_random", files),
-                "with_fd": variant_overrides("fd_init", files)}
     base = get_preset(preset).with_overrides(
         [*extra, "method.self_training_start=0", "method.pull_warmup=0"])
-    data = build_datasets(base.data, seed=0)  # the overrides below change the method only
+    data = build_datasets(base.data, seed=0)  # the settings change the method only
     runs = {}
     for name, overrides in settings.items():
         cfg = base.with_overrides(overrides)
@@ -137,9 +134,22 @@ def step_time(preset: str, extra: list[str], steps: int, files: dict[str, str]) 
                 torch.manual_seed(i)
                 tic = time.perf_counter()
                 train_step(state, src, src_label, tgt, cfg)
-                if i >= 5:  # the first steps warm up oneDNN
+                if i >= 5:
                     times.append(time.perf_counter() - tic)
-    out = {name: 1000 * statistics.median(times) for name, (_, _, times) in runs.items()}
+    return {name: 1000 * statistics.median(times) for name, (_, _, times) in runs.items()}
+
+
+# The pull loss + re-weighting switched off: the baseline of every overhead figure.
+WITHOUT_PULL = ["method.pull_weight=0", "method.weight_mode=uniform"]
+
+
+def step_time(preset: str, extra: list[str], steps: int, files: dict[str, str]) -> dict:
+    """ms per adaptation step with and without pull loss + re-weighting, and the full method
+    with style translation (random weights) or the feature distance added."""
+    out = interleaved_step_ms(preset, extra, steps, {
+        "without": WITHOUT_PULL, "with": [], "with_student_keys": ["method.pull_key_net=student"],
+        "with_style": variant_overrides("style_random", files),
+        "with_fd": variant_overrides("fd_init", files)})
     out["overhead_pct"] = 100 * (out["with"] / out["without"] - 1)
     out["overhead_student_keys_pct"] = 100 * (out["with_student_keys"] / out["without"] - 1)
     out["style_vs_fda_pct"] = 100 * (out["with_style"] / out["with"] - 1)

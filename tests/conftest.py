@@ -50,6 +50,14 @@ def spawn_gloo(fn, out: str, *args, world: int = 2):
     return torch.load(out)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh: ``-n 2 --dist loadgroup``) every test that uses Ray
+    runs on one worker, so the session starts one Ray; the other worker takes the rest."""
+    for item in items:
+        if item.get_closest_marker("ray") or "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture
 def tiny_cfg():
     """The digits preset shrunk to a few seconds: every piece of the method still runs."""

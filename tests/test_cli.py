@@ -34,11 +34,18 @@ def _one_line_error(proc, *fragments):
     (["--config", "/nonexistent/config.json"], ["config file /nonexistent/config.json"]),
     (["--device", "cuda:0"], ["CUDA is not available"]),
 ])
-def test_bad_input_is_one_line_exit_2(args, fragments, tmp_path):
-    _one_line_error(_cli("train", "--run-dir", str(tmp_path / "run"), *args), *fragments)
+def test_bad_input_is_one_line_exit_2(args, fragments, tmp_path, capsys):
+    from t2sda.__main__ import main
+
+    code = main(["train", "--run-dir", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("t2sda: error: "), err
+    assert all(fragment in err for fragment in fragments), err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_run_dir_errors(tmp_path):
+    """As a user runs it (a subprocess): the one-line message, exit 2, no traceback."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(_cli("train", "--run-dir", str(blocker / "run")), "not writable")

@@ -24,6 +24,11 @@ def _steps(run: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The step a Ray checkpoint dir holds (its meta.json, written by t2sda.checkpoint)."""
+    return json.loads((path / "meta.json").read_text())["step"]
+
+
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "t2sda", "train", *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=timeout, env=dict(os.environ))
@@ -33,9 +38,9 @@ def test_two_workers_stay_identical_and_write_once(ray_cluster, tiny_cfg, tmp_pa
     from t2sda.ray_glue import driver
 
     run = tmp_path / "run"
-    cfg = tiny_cfg.with_overrides(["train.threads=1"])
+    cfg = tiny_cfg.with_overrides(["train.threads=1", "train.eval_every=1", "train.checkpoint_every=1"])
     metrics = driver.fit(cfg, run_dir=run, workers=2, max_failures=0)
-    assert metrics["step"] == 6 and _steps(run) == [3, 6]
+    assert metrics["step"] == 6 and _steps(run) == [1, 2, 3, 4, 5, 6]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:  # parameters (student and teacher) and class weights agree bit for bit
         assert row["dist/param_diff"] == 0.0
@@ -43,8 +48,11 @@ def test_two_workers_stay_identical_and_write_once(ray_cluster, tiny_cfg, tmp_pa
     # Rank 0 alone writes TensorBoard; Ray Train writes no events of its own.
     assert len(list(run.rglob("events.out.tfevents.*"))) == 1
     assert json.loads((run / "config.json").read_text())["train"]["iters"] == 6
-    # Ray holds the checkpoints: best train.keep_checkpoints (2) by val mIoU plus the latest.
-    assert 1 <= len(list(run.glob("checkpoint_*"))) <= 3
+    # Six checkpoints were reported; Ray keeps the best train.keep_checkpoints (2) by val mIoU
+    # (ties: the later one) plus the latest, and deletes the others.
+    kept = {_checkpoint_step(p) for p in run.glob("checkpoint_*") if p.is_dir()}
+    by_score = sorted(rows, key=lambda r: (r["val/mIoU"], r["step"]), reverse=True)
+    assert kept == {by_score[0]["step"], by_score[1]["step"], 6}, (kept, [(r["step"], r["val/mIoU"]) for r in rows])
     assert not (run / "checkpoints").exists()
 
 
@@ -111,11 +119,9 @@ def test_resource_errors_are_immediate(ray_cluster):
 @pytest.mark.parametrize("args, fragment", [
     (["--workers", "1", "--gpu"], "--gpu: the Ray cluster has no GPU"),
     (["--workers", "9"], "9 workers x 1 CPU need CPU=9"),
-    (["--workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker 0: must be > 0"),
-    (["--workers", "-1"], "--workers -1: must be >= 0"),
-    (["--gpu"], "--gpu needs --workers N"),
 ])
 def test_cli_resource_errors_one_line(ray_cluster, tmp_path, args, fragment):
+    """Refusals that need the cluster's resources: the CLI as a user runs it."""
     proc = _cli("--run-dir", str(tmp_path / "run"), *args, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and err and fragment in err[-1], proc.stderr[-2000:]
@@ -123,20 +129,45 @@ def test_cli_resource_errors_one_line(ray_cluster, tmp_path, args, fragment):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any training
 
 
-def test_cli_unwritable_run_dir_before_any_worker(tmp_path):
+def _main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``t2sda train`` in this process, with Ray made unreachable: what it refuses, it must
+    refuse before connecting to (or starting) Ray."""
+    from t2sda.__main__ import main
+    from t2sda.ray_glue import driver
+
+    def no_ray(*_, **__):
+        raise AssertionError("connected to Ray before the input was checked")
+
+    monkeypatch.setattr(driver, "connect", no_ray)
+    code = main(["train", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker 0: must be > 0"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--gpu"], "--gpu needs --workers N"),
+])
+def test_cli_argument_errors_one_line(tmp_path, monkeypatch, capsys, args, fragment):
+    code, err = _main_in_process(monkeypatch, capsys, "--run-dir", str(tmp_path / "run"), *args)
+    assert code == 2 and err.splitlines() == [f"t2sda: error: {err.split('error: ', 1)[1]}"]
+    assert fragment in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_unwritable_run_dir_before_any_worker(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = _cli("--workers", "2", "--run-dir", str(blocker / "run"), timeout=60)
-    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
-    assert "Ray" not in proc.stdout  # refused before connecting to (or starting) Ray
+    code, err = _main_in_process(monkeypatch, capsys, "--workers", "2", "--run-dir", str(blocker / "run"))
+    assert code == 2 and "not writable" in err and len(err.splitlines()) == 1
 
 
-def test_cli_refuses_in_process_run_dir(tmp_path):
+def test_cli_refuses_in_process_run_dir(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 3}\n')
-    proc = _cli("--workers", "1", "--run-dir", str(run), timeout=60)
-    assert proc.returncode == 2 and "holds an in-process run" in proc.stderr
+    code, err = _main_in_process(monkeypatch, capsys, "--workers", "1", "--run-dir", str(run))
+    assert code == 2 and "holds an in-process run" in err
     assert (run / "metrics.jsonl").read_text() == '{"step": 3}\n'  # untouched
 
 

@@ -159,21 +159,36 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(ray_cluster, tmp_path
     (["--space", "pull_loss", "--change-on-resume"], "--change-on-resume needs --resume"),
     ([], "--space is required"),
 ])
-def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
-    proc = subprocess.run([sys.executable, "tune.py", "--storage", str(tmp_path), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and fragment in err, proc.stderr[-2000:]
+def test_bad_input_one_line_exit_2(tmp_path, args, fragment, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray started before the input was checked")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    try:
+        code = search.main(["--storage", str(tmp_path), *args])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err, err[-2000:]
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "Started a local Ray" not in proc.stdout + proc.stderr  # refused before Ray starts
 
 
-def test_existing_experiment_needs_resume(tmp_path):
+def test_tune_script_exits_2_on_bad_input(tmp_path):
+    """The script itself (one subprocess; the other bad inputs run in-process above)."""
+    proc = subprocess.run([sys.executable, "tune.py", "--space", "nope", "--storage", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("tune.py: error: unknown search space 'nope' "
+                                   "(available: ema, full, pull_loss, weighting)")
+
+
+def test_existing_experiment_needs_resume(tmp_path, capsys):
     (tmp_path / "pull_loss-digits").mkdir()
     (tmp_path / "pull_loss-digits" / "tuner.pkl").write_bytes(b"x")
-    proc = subprocess.run([sys.executable, "tune.py", "--space", "pull_loss", "--storage",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "exists; pass --resume" in proc.stderr
+    code = search.main(["--space", "pull_loss", "--storage", str(tmp_path)])
+    assert code == 2 and "exists; pass --resume" in capsys.readouterr().err
     assert (tmp_path / "pull_loss-digits" / "tuner.pkl").read_bytes() == b"x"
 
 
