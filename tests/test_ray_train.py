@@ -52,7 +52,8 @@ def test_two_workers_stay_identical_and_write_once(ray_cluster, tiny_cfg, tmp_pa
     # (ties: the later one) plus the latest, and deletes the others.
     kept = {_checkpoint_step(p) for p in run.glob("checkpoint_*") if p.is_dir()}
     by_score = sorted(rows, key=lambda r: (r["val/mIoU"], r["step"]), reverse=True)
-    assert kept == {by_score[0]["step"], by_score[1]["step"], 6}, (kept, [(r["step"], r["val/mIoU"]) for r in rows])
+    scores = [(r["step"], r["val/mIoU"]) for r in rows]
+    assert kept == {by_score[0]["step"], by_score[1]["step"], 6}, (kept, scores)
     assert not (run / "checkpoints").exists()
 
 
