@@ -61,3 +61,36 @@ def test_adaptation_cost_variants_point_at_loadable_files(tmp_path):
         assert (state.style is not None) == (variant == "style_random")
         assert (state.imnet is not None) == (variant == "fd_init")
     assert "style_random" not in bench.DEFAULT_VARIANTS and "fd_init" not in bench.DEFAULT_VARIANTS
+
+
+def test_pull_study_groups_warmups_and_applies_the_rule():
+    import json
+
+    from t2sda.ray_glue.shared_warmup import fits
+
+    bench = _load("bench_pull")
+    configs = {v: bench.variant_config("digits", v, 0, []) for v in bench.VARIANTS}
+    warm = {v: bench.warmup_config(c) for v, c in configs.items()}
+    assert all(fits(warm[v], configs[v]) for v in configs)  # each can start from its warm-up
+    groups = {}
+    for v, c in warm.items():
+        groups.setdefault(json.dumps(c.to_dict(), sort_keys=True), []).append(v)
+    # Without pull / with the projection head / with a bigger head / no head: four warm-ups.
+    assert sorted(map(sorted, groups.values())) == sorted(map(sorted, [
+        ["translation"], ["decoder"], ["proj_256"],
+        [v for v in bench.VARIANTS if v not in ("translation", "decoder", "proj_256")]]))
+
+    def run(variant, seed, miou, preset="digits"):
+        return {"preset": preset, "variant": variant, "seed": seed, "mIoU": miou, "features": {}}
+
+    results = [run("translation", s, 50.0) for s in (0, 1)] + [
+        run("t2sda", 0, 52.0), run("t2sda", 1, 51.5),  # +2.0, +1.5
+        run("tau_0.07", 0, 53.0), run("tau_0.07", 1, 49.9)]  # mean +1.45 but one seed negative
+    results += [{**r, "preset": "digits_hard"} for r in results]
+    summary = bench.summarize(results, ["digits", "digits_hard"])
+    assert summary["digits"]["t2sda"]["delta_mean"] == 1.75
+    assert summary["digits"]["tau_0.07"]["deltas"] == {0: 3.0, 1: pytest.approx(-0.1)}
+    rule = bench.verdict(summary, ["digits", "digits_hard"], [0, 1])
+    assert rule["qualified"] == ["t2sda"]
+    assert bench.verdict(summary, ["digits", "digits_hard"], [0, 1, 2])["qualified"] == []  # seed 2 missing
+    assert "| tau_0.07: temperature 0.07 |" in bench.table(summary, ["digits", "digits_hard"])
