@@ -11,7 +11,9 @@ variants that differ only in keys read after adaptation starts (the search's rul
 ``t2sda.ray_glue.shared_warmup.fits``), and each variant resumes from that checkpoint with
 ``train --resume --change-on-resume`` (schedules and step counts stay those of the full run).
 Each run is a ``python -m t2sda train`` process on one thread, ``--jobs`` at a time; finished
-runs are kept, so re-running adds only what is missing.
+runs are kept, so re-running adds only what is missing; a run whose directory is gone (run
+dirs are not committed) but which ``<out>/results.json`` records is taken from there
+(``--fresh`` reruns it).
 
 The last evaluation of each run gives the student's target mIoU and the feature diagnostics
 (``feat/proj/...``, ``feat/decoder/...``: docs/diagnostics.md). The step-time overhead of the
@@ -85,8 +87,11 @@ def warmup_config(cfg):
 
 
 class Runner:
-    def __init__(self, root: Path, extra: list[str]):
+    def __init__(self, root: Path, extra: list[str], recorded: dict | None = None):
         self.root, self.extra = root, extra
+        # (preset, variant, seed) -> the row an earlier invocation wrote to results.json, used
+        # when that run's directory is gone (run dirs are not committed; the summary is)
+        self.recorded = recorded or {}
         self.locks: dict[Path, threading.Lock] = {}
         self.guard = threading.Lock()
         self.done, self.total, self.start = 0, 0, time.perf_counter()
@@ -122,6 +127,8 @@ class Runner:
         cfg = variant_config(preset, variant, seed, self.extra)
         run_dir = self.root / "runs" / preset / f"{variant}-seed{seed}"
         metrics_file = run_dir / "metrics.jsonl"
+        if not (run_dir / "wall_seconds").exists() and (preset, variant, seed) in self.recorded:
+            return self._count(dict(self.recorded[preset, variant, seed], recorded=True))
         if not (run_dir / "wall_seconds").exists():
             from t2sda.ray_glue.shared_warmup import fits
 
@@ -143,19 +150,43 @@ class Runner:
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         evals = [r for r in rows if "val/mIoU" in r]
         last = evals[-1]
+        return self._count({
+            "preset": preset, "variant": variant, "seed": seed, "mIoU": last["val/mIoU"],
+            "mIoU_teacher": last["val/mIoU_teacher"], "step": last["step"],
+            "adapt_wall_s": float((run_dir / "wall_seconds").read_text()),
+            "features": {k: last[k] for k in FEATURES if k in last},
+            "curves": {k: [(r["step"], r[k]) for r in evals if k in r]
+                       for k in ("val/mIoU", *FEATURES)}})
+
+    def _count(self, row: dict) -> dict:
         with self.guard:
+            if row.get("recorded"):  # instant: out of the count, the rate and the ETA
+                self.total -= 1
+                self.start = time.perf_counter() if not self.done else self.start
+                print(f"recorded: {row['preset']} {row['variant']} seed {row['seed']}: "
+                      f"mIoU {row['mIoU']:.1f} (from results.json)", flush=True)
+                return row
             self.done += 1
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            print(f"[{self.done}/{self.total}] {preset} {variant} seed {seed}: "
-                  f"mIoU {last['val/mIoU']:.1f}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+            print(f"[{self.done}/{self.total}] {row['preset']} {row['variant']} seed {row['seed']}: "
+                  f"mIoU {row['mIoU']:.1f}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
                   flush=True)
-        return {"preset": preset, "variant": variant, "seed": seed, "mIoU": last["val/mIoU"],
-                "mIoU_teacher": last["val/mIoU_teacher"], "step": last["step"],
-                "adapt_wall_s": float((run_dir / "wall_seconds").read_text()),
-                "features": {k: last[k] for k in FEATURES if k in last},
-                "curves": {k: [(r["step"], r[k]) for r in evals if k in r]
-                           for k in ("val/mIoU", *FEATURES)}}
+        return row
+
+
+def recorded_runs(path: Path) -> dict:
+    """The runs (with their curves) of an earlier results.json, keyed (preset, variant, seed)."""
+    if not path.exists():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        curves = {(c["preset"], c["variant"], c["seed"]): c["curves"] for c in payload["curves"]}
+        return {(r["preset"], r["variant"], r["seed"]):
+                {**r, "curves": curves.get((r["preset"], r["variant"], r["seed"]), {})}
+                for r in payload["runs"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a results file of this script ({err}); move it away") from None
 
 
 def summarize(results: list[dict], presets: list[str]) -> dict:
@@ -277,6 +308,8 @@ def main() -> int:
     parser.add_argument("--out", default="results/bench_pull")
     parser.add_argument("--timing-steps", type=int, default=40, help="0 = skip the overhead timing")
     parser.add_argument("--report-only", action="store_true", help="only runs already finished")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore the runs recorded in <out>/results.json (rerun them)")
     args = parser.parse_args()
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -284,9 +317,11 @@ def main() -> int:
     jobs = [(p, v, s) for s in args.seeds for p in args.presets for v in full]
     jobs += [(p, v, args.seeds[0]) for p in args.presets for v in args.variants if v not in full]
     jobs = list(dict.fromkeys(jobs))
-    runner = Runner(root, args.set)
+    recorded = {} if args.fresh else recorded_runs(root / "results.json")
+    runner = Runner(root, args.set, recorded)
     if args.report_only:
-        jobs = [j for j in jobs if (root / "runs" / j[0] / f"{j[1]}-seed{j[2]}" / "wall_seconds").exists()]
+        jobs = [j for j in jobs if j in recorded
+                or (root / "runs" / j[0] / f"{j[1]}-seed{j[2]}" / "wall_seconds").exists()]
     runner.total = len(jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -299,17 +334,22 @@ def main() -> int:
     timing = None
     if args.timing_steps:
         ms = interleaved_step_ms(args.presets[0], args.set, args.timing_steps,
-                                 {"without": WITHOUT_PULL, "with": []})
-        timing = {**ms, "overhead_pct": 100 * (ms["with"] / ms["without"] - 1)}
+                                 {"without": WITHOUT_PULL, "with": [],
+                                  "with_student_keys": ["method.pull_key_net=student"]})
+        timing = {**ms, "overhead_pct": 100 * (ms["with"] / ms["without"] - 1),
+                  "overhead_student_keys_pct": 100 * (ms["with_student_keys"] / ms["without"] - 1)}
         text += (f"\n\nStep time ({args.presets[0]}, 1 thread, adaptation phase, interleaved, median "
                  f"of {args.timing_steps}): {ms['without']:.0f} ms without pull + re-weighting, "
-                 f"{ms['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %).")
+                 f"{ms['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %), "
+                 f"{ms['with_student_keys']:.0f} ms with keys from the student's own source pass "
+                 f"(`method.pull_key_net=student`, +{timing['overhead_student_keys_pct']:.1f} %).")
     print(text)
     plot(results, summary, args.presets, root / "pull_study.png")
     payload = {"command": " ".join(sys.argv), "presets": args.presets, "seeds": args.seeds,
                "overrides": args.set, "variants": {v: VARIANTS[v] for v in dict.fromkeys(j[1] for j in jobs)},
                "summary": summary, "verdict": rule, "step_time_ms": timing,
-               "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
+               "runs": [{k: v for k, v in r.items() if k not in ("curves", "recorded")}
+                        for r in results],
                "curves": [{"preset": r["preset"], "variant": r["variant"], "seed": r["seed"],
                            "curves": r["curves"]} for r in results]}
     (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -94,3 +94,23 @@ def test_pull_study_groups_warmups_and_applies_the_rule():
     assert rule["qualified"] == ["t2sda"]
     assert bench.verdict(summary, ["digits", "digits_hard"], [0, 1, 2])["qualified"] == []  # seed 2 missing
     assert "| tau_0.07: temperature 0.07 |" in bench.table(summary, ["digits", "digits_hard"])
+
+
+def test_pull_study_takes_runs_recorded_in_results_json(tmp_path):
+    import json
+
+    bench = _load("bench_pull")
+    row = {"preset": "digits", "variant": "t2sda", "seed": 0, "mIoU": 51.2, "mIoU_teacher": 50.0,
+           "step": 1200, "adapt_wall_s": 400.0, "features": {}}
+    (tmp_path / "results.json").write_text(json.dumps({
+        "runs": [row], "curves": [{"preset": "digits", "variant": "t2sda", "seed": 0,
+                                   "curves": {"val/mIoU": [[600, 40.0], [1200, 51.2]]}}]}))
+    recorded = bench.recorded_runs(tmp_path / "results.json")
+    runner = bench.Runner(tmp_path, [], recorded)
+    runner.total = 1
+    got = runner.run("digits", "t2sda", 0)  # no run dir: the recorded row, nothing trained
+    assert got["mIoU"] == 51.2 and got["curves"]["val/mIoU"][-1] == [1200, 51.2]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "warmups").exists()
+    (tmp_path / "results.json").write_text('{"runs": 3}')
+    with pytest.raises(SystemExit, match="not a results file"):
+        bench.recorded_runs(tmp_path / "results.json")
