@@ -114,3 +114,37 @@ def test_pull_study_takes_runs_recorded_in_results_json(tmp_path):
     (tmp_path / "results.json").write_text('{"runs": 3}')
     with pytest.raises(SystemExit, match="not a results file"):
         bench.recorded_runs(tmp_path / "results.json")
+
+
+def test_search_bench_anytime_curve_and_goal(tmp_path):
+    import json
+
+    bench = _load("bench_search")
+    (tmp_path / "warmup.json").write_text(json.dumps({"step": 300}))
+
+    def trial(name, reports):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text("\n".join(
+            json.dumps({"timestamp": t, "step": s, "val/best_mIoU": v}) for t, s, v in reports)
+            + "\n{cut")  # a line cut by a crash is skipped
+    trial("trial-a", [(10, 400, 20.0), (30, 500, 25.0)])
+    trial("trial-b", [(20, 400, 30.0), (40, 600, float("nan"))])
+    curve = bench.anytime_curve(tmp_path)
+    # warm-up 300 once + own steps: a 100; a 100, b 100; a 200, b 100; a 200, b 300
+    assert curve == [(400, 20.0), (500, 30.0), (600, 30.0), (800, 30.0)]
+    assert bench.steps_to_reach(curve, 29.0) == 500 and bench.steps_to_reach(curve, 31.0) is None
+    results = [{"method": "random", "seed": 0, "best": 30.5, "steps": 1800, "curve": []},
+               {"method": "optuna+asha", "seed": 0, "best": 30.0, "steps": 800, "curve": curve},
+               {"method": "random+asha", "seed": 0, "best": 20.0, "steps": 400,
+                "curve": [(400, 20.0)]}]
+    goals = {g["method"]: g for g in bench.goal(results)}
+    assert goals["optuna+asha"]["steps_to_within"] == 500 and goals["optuna+asha"]["met"] is True
+    assert goals["optuna+asha"]["share"] == pytest.approx(500 / 1800)
+    assert goals["random+asha"]["steps_to_within"] is None and goals["random+asha"]["met"] is False
+    for r in results:
+        r.update(trials=12, wall_s=1.0)
+    text = bench.table(results, bench.goal(results))
+    assert "| optuna+asha | 0 | 30.50 | 500 | 0.28 | yes |" in text
+    assert "| random+asha | 0 | 30.50 | - | never | no |" in text
+    bench.plot(results, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
