@@ -122,7 +122,7 @@ def test_a_failed_write_keeps_the_previous_file_whole(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        report._atomic_write(target, crash)
+        report.atomic_write(target, crash)
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 

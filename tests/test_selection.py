@@ -57,7 +57,7 @@ def test_write_selection_and_results_csv_columns(tmp_path):
     rows = [_row(t, target_miou=m, snd=s, entropy=e, source_miou=sm, agreement=a)
             for t, m, s, e, sm, a in [("a", 50, 1, 0.9, 70, 0.8), ("b", 60, 3, 0.6, 72, 0.7),
                                       ("c", 55, 2, 0.8, 71, 0.9)]]
-    text = selection.write_selection(rows, tmp_path, report._atomic_write)
+    text = selection.write_selection(rows, tmp_path)
     saved = json.loads((tmp_path / "selection.json").read_text())
     assert set(saved) == {"source_miou", "agreement", "entropy", "snd", "target_miou"}
     assert saved["source_miou"] == {"mode": "max", "spearman": pytest.approx(1.0),

@@ -60,7 +60,7 @@ def write_results(rows: list[TrialRow], exp_dir: Path, *, metric: str, mode: str
     """
     exp_dir = Path(exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(exp_dir / "results.csv", _csv_text(rows))
+    atomic_write(exp_dir / "results.csv", _csv_text(rows))
     ranked = _ranked(rows, mode)
     if not ranked:
         return f"no trial reported {metric}: " + _counts(rows)
@@ -68,10 +68,10 @@ def write_results(rows: list[TrialRow], exp_dir: Path, *, metric: str, mode: str
     if best.config is not None:
         record = {"trial_id": best.trial_id, "metric": metric, "value": best.value,
                   "params": best.params, "config": best.config}
-        _atomic_write(exp_dir / "best_config.json", json.dumps(record, indent=2) + "\n")
+        atomic_write(exp_dir / "best_config.json", json.dumps(record, indent=2) + "\n")
     if _param_names(rows):
         fig = _summary_figure(rows, best, metric)
-        _atomic_write(exp_dir / "summary.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(exp_dir / "summary.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     text = _table(ranked[:top], len(ranked), metric, mode, exp_dir) + "\n" + _counts(rows)
     if best.checkpoint and best.run_dir:
         text += f"\nevaluate the best: python -m t2sda evaluate --run-dir {best.run_dir}"
@@ -103,7 +103,7 @@ def importances(study: optuna.Study, exp_dir: Path) -> dict[str, float]:
         warnings.simplefilter("ignore", UserWarning)  # "too few trials" notes at small budgets
         result = optuna.importance.get_param_importances(study, params=varying)
     result = dict(sorted(result.items(), key=lambda kv: kv[1], reverse=True))
-    _atomic_write(Path(exp_dir) / "importances.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(Path(exp_dir) / "importances.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -125,7 +125,7 @@ def _param_names(rows: list[TrialRow]) -> list[str]:
     return list(dict.fromkeys(name for row in rows for name in row.params))
 
 
-def _atomic_write(path: Path, content: str | Callable[[Path], None]) -> None:
+def atomic_write(path: Path, content: str | Callable[[Path], None]) -> None:
     """Write text (or call ``content(tmp)``) to a temp file beside ``path``, then rename it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

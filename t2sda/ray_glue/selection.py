@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from t2sda.ray_glue.report import atomic_write
 from t2sda.validators import DIRECTIONS, LABEL_FREE
 
 
@@ -86,8 +87,8 @@ def format_selection(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_selection(rows, out_dir: Path, atomic_write) -> str:
-    """selection.json and selection.png (``atomic_write(path, text_or_fn)``); returns the table."""
+def write_selection(rows, out_dir: Path) -> str:
+    """selection.json and selection.png, each written atomically; returns the table."""
     table = selection(rows)
     if table:
         out_dir = Path(out_dir)

@@ -46,7 +46,7 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
         ))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(report.write_results(rows, out_dir, metric=metric, mode=mode))
-    print(selection.write_selection(rows, out_dir, report._atomic_write))
+    print(selection.write_selection(rows, out_dir))
     study = _study(searcher, exp_path)
     if study is not None:
         print(report.format_importances(report.importances(study, out_dir)))
