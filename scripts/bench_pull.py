@@ -269,7 +269,12 @@ def plot(results: list[dict], summary: dict, presets: list[str], path: Path) -> 
             ax.bar(i, s["mean"], color=colour, alpha=0.6)
             ax.scatter([i] * len(s["mIoU"]), s["mIoU"], color="black", s=12, zorder=3)
         if BASELINE in summary.get(preset, {}):
-            ax.axhline(summary[preset][BASELINE]["mean"], color="grey", ls="--", lw=1)
+            base = summary[preset][BASELINE]
+            ax.axhline(base["mean"], color="grey", ls="--", lw=1, label="baseline, mean of its seeds")
+            if len(base["mIoU"]) > 1:  # screening variants ran the first seed only
+                ax.axhline(base["mIoU"][0], color="grey", ls=":", lw=1,
+                           label=f"baseline, seed {base['seeds'][0]} (the screening's reference)")
+            ax.legend(fontsize=8, loc="lower left")
         ax.set_xticks(range(len(items)), [v for v, _ in items], rotation=45, ha="right")
         lows = [min(s["mIoU"]) for _, s in items] or [0]
         ax.set_ylim(min(lows) - 3, max(max(s["mIoU"]) for _, s in items) + 2 if items else 1)
