@@ -211,3 +211,23 @@ def test_trials_name_their_best_checkpoint_and_evaluate_runs_on_it(tmp_path):
     assert main(["evaluate", "--run-dir", str(exp / "train-a1"), "--device", "cpu"]) == 0
     report_json = json.loads((exp / "train-a1" / "eval" / "eval.json").read_text())
     assert report_json["checkpoint"] == rows[0].checkpoint and report_json["step"] == 20
+
+
+def test_tpe_models_results_after_a_third_of_the_budget():
+    """With Optuna's default 10 random start-up trials, a 6- or 12-trial search is (nearly)
+    random search; ours lets TPE propose from a third of the budget on."""
+    import optuna
+
+    from t2sda.ray_glue.search import _sampler, startup_trials
+
+    assert [startup_trials(n) for n in (1, 6, 12, 30, 100)] == [2, 2, 4, 10, 10]
+
+    def params(sampler, n):
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study.optimize(lambda t: -(t.suggest_float("x", -5, 5) - 2) ** 2, n_trials=n)
+        return [t.params["x"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tpe, rand = params(_sampler("tpe", 0, 12), 12), params(_sampler("random", 0, 12), 12)
+    assert tpe[:4] == rand[:4]  # the start-up trials are the random sampler's
+    assert tpe[4] != rand[4]  # the fifth is TPE's own (with Optuna's default: still random)

@@ -217,7 +217,7 @@ def run(args) -> int:
         searcher = None
     else:
         searcher = OptunaSearch(space=space.define, metric=metric, mode=mode,
-                                sampler=_sampler(args.sampler, args.seed),
+                                sampler=_sampler(args.sampler, args.seed, num_samples),
                                 points_to_evaluate=[_defaults(space, base, drawn)])
         # max_t one past the end: a trial that reaches train.iters ends by itself, so its
         # TorchTrainer shuts down cleanly (a STOP at the last report kills it mid-shutdown and
@@ -306,10 +306,17 @@ def _grace(args, space, base: Config) -> int:
     return max(1, min(grace, base.train.iters))
 
 
-def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def startup_trials(num_samples: int) -> int:
+    """Random trials before TPE models the results: Optuna's default is 10, which in a search
+    of 12 or fewer trials (the spaces' budgets) leaves TPE almost nothing to decide, so a
+    third of the budget, at least 2 (the preset's own point is the first) and at most 10."""
+    return max(2, min(10, num_samples // 3))
+
+
+def _sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_samples))
 
 
 def _reporter(metric: str, drawn: list) -> tune.CLIReporter:
