@@ -87,11 +87,8 @@ def warmup_config(cfg):
 
 
 class Runner:
-    def __init__(self, root: Path, extra: list[str], recorded: dict | None = None):
+    def __init__(self, root: Path, extra: list[str]):
         self.root, self.extra = root, extra
-        # (preset, variant, seed) -> the row an earlier invocation wrote to results.json, used
-        # when that run's directory is gone (run dirs are not committed; the summary is)
-        self.recorded = recorded or {}
         self.locks: dict[Path, threading.Lock] = {}
         self.guard = threading.Lock()
         self.done, self.total, self.start = 0, 0, time.perf_counter()
@@ -127,8 +124,6 @@ class Runner:
         cfg = variant_config(preset, variant, seed, self.extra)
         run_dir = self.root / "runs" / preset / f"{variant}-seed{seed}"
         metrics_file = run_dir / "metrics.jsonl"
-        if not (run_dir / "wall_seconds").exists() and (preset, variant, seed) in self.recorded:
-            return self._count(dict(self.recorded[preset, variant, seed], recorded=True))
         if not (run_dir / "wall_seconds").exists():
             from t2sda.ray_glue.shared_warmup import fits
 
@@ -150,42 +145,41 @@ class Runner:
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         evals = [r for r in rows if "val/mIoU" in r]
         last = evals[-1]
-        return self._count({
-            "preset": preset, "variant": variant, "seed": seed, "mIoU": last["val/mIoU"],
-            "mIoU_teacher": last["val/mIoU_teacher"], "step": last["step"],
-            "adapt_wall_s": float((run_dir / "wall_seconds").read_text()),
-            "features": {k: last[k] for k in FEATURES if k in last},
-            "curves": {k: [(r["step"], r[k]) for r in evals if k in r]
-                       for k in ("val/mIoU", *FEATURES)}})
-
-    def _count(self, row: dict) -> dict:
         with self.guard:
-            if row.get("recorded"):  # instant: out of the count, the rate and the ETA
-                self.total -= 1
-                self.start = time.perf_counter() if not self.done else self.start
-                print(f"recorded: {row['preset']} {row['variant']} seed {row['seed']}: "
-                      f"mIoU {row['mIoU']:.1f} (from results.json)", flush=True)
-                return row
             self.done += 1
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            print(f"[{self.done}/{self.total}] {row['preset']} {row['variant']} seed {row['seed']}: "
-                  f"mIoU {row['mIoU']:.1f}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+            print(f"[{self.done}/{self.total}] {preset} {variant} seed {seed}: "
+                  f"mIoU {last['val/mIoU']:.1f}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
                   flush=True)
-        return row
+        return {"preset": preset, "variant": variant, "seed": seed, "mIoU": last["val/mIoU"],
+                "mIoU_teacher": last["val/mIoU_teacher"], "step": last["step"],
+                "adapt_wall_s": float((run_dir / "wall_seconds").read_text()),
+                "features": {k: last[k] for k in FEATURES if k in last},
+                "curves": {k: [(r["step"], r[k]) for r in evals if k in r]
+                           for k in ("val/mIoU", *FEATURES)}}
+
+    def finished(self, job: tuple[str, str, int]) -> bool:
+        preset, variant, seed = job
+        return (self.root / "runs" / preset / f"{variant}-seed{seed}" / "wall_seconds").exists()
 
 
-def recorded_runs(path: Path) -> dict:
-    """The runs (with their curves) of an earlier results.json, keyed (preset, variant, seed)."""
+def recorded_runs(path: Path, overrides: list[str]) -> dict:
+    """The runs (with their curves) of an earlier results.json made with the same ``--set``
+    overrides, keyed (preset, variant, seed); {} when there is none or it used others."""
     if not path.exists():
         return {}
     try:
         payload = json.loads(path.read_text())
+        if payload.get("overrides", []) != overrides:
+            print(f"{path}: made with --set {payload.get('overrides')}, not {overrides}: "
+                  "its runs are not reused", flush=True)
+            return {}
         curves = {(c["preset"], c["variant"], c["seed"]): c["curves"] for c in payload["curves"]}
         return {(r["preset"], r["variant"], r["seed"]):
                 {**r, "curves": curves.get((r["preset"], r["variant"], r["seed"]), {})}
                 for r in payload["runs"]}
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise SystemExit(f"{path}: not a results file of this script ({err}); move it away") from None
 
 
@@ -322,15 +316,16 @@ def main() -> int:
     jobs = [(p, v, s) for s in args.seeds for p in args.presets for v in full]
     jobs += [(p, v, args.seeds[0]) for p in args.presets for v in args.variants if v not in full]
     jobs = list(dict.fromkeys(jobs))
-    recorded = {} if args.fresh else recorded_runs(root / "results.json")
-    runner = Runner(root, args.set, recorded)
-    if args.report_only:
-        jobs = [j for j in jobs if j in recorded
-                or (root / "runs" / j[0] / f"{j[1]}-seed{j[2]}" / "wall_seconds").exists()]
-    runner.total = len(jobs)
-    print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
+    runner = Runner(root, args.set)
+    recorded = {} if args.fresh else recorded_runs(root / "results.json", args.set)
+    # A run whose dir is gone (run dirs are not committed) comes from results.json.
+    rows = {j: recorded[j] for j in jobs if j in recorded and not runner.finished(j)}
+    todo = [j for j in jobs if j not in rows and (runner.finished(j) or not args.report_only)]
+    runner.total = len(todo)
+    print(f"{len(todo)} runs, {args.jobs} at a time ({len(rows)} taken from results.json)", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: runner.run(*job), jobs))
+        rows.update(zip(todo, pool.map(lambda job: runner.run(*job), todo)))
+    results = [rows[j] for j in jobs if j in rows]
     summary = summarize(results, args.presets)
     text = table(summary, args.presets)
     rule = verdict(summary, args.presets, args.seeds)
@@ -353,8 +348,7 @@ def main() -> int:
     payload = {"command": " ".join(sys.argv), "presets": args.presets, "seeds": args.seeds,
                "overrides": args.set, "variants": {v: VARIANTS[v] for v in dict.fromkeys(j[1] for j in jobs)},
                "summary": summary, "verdict": rule, "step_time_ms": timing,
-               "runs": [{k: v for k, v in r.items() if k not in ("curves", "recorded")}
-                        for r in results],
+               "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
                "curves": [{"preset": r["preset"], "variant": r["variant"], "seed": r["seed"],
                            "curves": r["curves"]} for r in results]}
     (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

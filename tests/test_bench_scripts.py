@@ -96,24 +96,33 @@ def test_pull_study_groups_warmups_and_applies_the_rule():
     assert "| tau_0.07: temperature 0.07 |" in bench.table(summary, ["digits", "digits_hard"])
 
 
-def test_pull_study_takes_runs_recorded_in_results_json(tmp_path):
+def test_pull_study_takes_runs_recorded_in_results_json(tmp_path, monkeypatch):
     import json
+    import sys
 
     bench = _load("bench_pull")
-    row = {"preset": "digits", "variant": "t2sda", "seed": 0, "mIoU": 51.2, "mIoU_teacher": 50.0,
-           "step": 1200, "adapt_wall_s": 400.0, "features": {}}
-    (tmp_path / "results.json").write_text(json.dumps({
-        "runs": [row], "curves": [{"preset": "digits", "variant": "t2sda", "seed": 0,
-                                   "curves": {"val/mIoU": [[600, 40.0], [1200, 51.2]]}}]}))
-    recorded = bench.recorded_runs(tmp_path / "results.json")
-    runner = bench.Runner(tmp_path, [], recorded)
-    runner.total = 1
-    got = runner.run("digits", "t2sda", 0)  # no run dir: the recorded row, nothing trained
-    assert got["mIoU"] == 51.2 and got["curves"]["val/mIoU"][-1] == [1200, 51.2]
+    rows = [{"preset": "digits", "variant": v, "seed": 0, "mIoU": m, "mIoU_teacher": 50.0,
+             "step": 1200, "adapt_wall_s": 400.0, "features": {}}
+            for v, m in (("translation", 50.7), ("t2sda", 51.2))]
+    curves = [{"preset": "digits", "variant": r["variant"], "seed": 0,
+               "curves": {"val/mIoU": [[600, 40.0], [1200, r["mIoU"]]]}} for r in rows]
+    (tmp_path / "results.json").write_text(json.dumps({"overrides": [], "runs": rows,
+                                                       "curves": curves}))
+    recorded = bench.recorded_runs(tmp_path / "results.json", [])
+    assert recorded["digits", "t2sda", 0]["curves"]["val/mIoU"][-1] == [1200, 51.2]
+    assert bench.recorded_runs(tmp_path / "results.json", ["train.iters=10"]) == {}  # other --set
+    # No run dir: the recorded rows stand in, nothing is trained.
+    monkeypatch.setattr(sys, "argv", ["bench_pull.py", "--presets", "digits", "--seeds", "0",
+                                      "--variants", "t2sda", "--timing-steps", "0",
+                                      "--out", str(tmp_path)])
+    assert bench.main() == 0
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert {r["variant"]: r["mIoU"] for r in got["runs"]} == {"translation": 50.7, "t2sda": 51.2}
+    assert got["summary"]["digits"]["t2sda"]["delta_mean"] == pytest.approx(0.5)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "warmups").exists()
     (tmp_path / "results.json").write_text('{"runs": 3}')
     with pytest.raises(SystemExit, match="not a results file"):
-        bench.recorded_runs(tmp_path / "results.json")
+        bench.recorded_runs(tmp_path / "results.json", [])
 
 
 def test_search_bench_anytime_curve_and_goal(tmp_path):
