@@ -59,13 +59,14 @@ def anytime_curve(exp: Path) -> list[tuple[int, float]]:
                                int(row["step"]), row.get(METRIC)))
     events.sort()
     latest: dict[str, int] = {}
-    curve, best = [], None
+    curve, best, spent = [], None, start
     for _, _, trial, step, value in events:
+        spent += max(step - latest.get(trial, start), 0)
         latest[trial] = max(latest.get(trial, start), step)
         if isinstance(value, (int, float)) and value == value:
             best = value if best is None else max(best, value)
         if best is not None:
-            curve.append((start + sum(v - start for v in latest.values()), best))
+            curve.append((spent, best))
     return curve
 
 
