@@ -287,7 +287,8 @@ def plot(results: list[dict], summary: dict, presets: list[str], path: Path) -> 
                                 label=f"{variant}: {key.split('/')[-1]}")
     ax.set_xlabel("step")
     ax.set_title(f"{presets[0]}: decoder-feature diagnostics")
-    ax.legend(fontsize=8)
+    if ax.lines:  # runs without diagnostics (train.diagnostics=false) leave the panel empty
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
