@@ -17,7 +17,7 @@ from t2sda.method.pull_loss import PrototypeBank
 from t2sda.method.style import StyleLoadError, StyleRandomizer
 from t2sda.method.teacher import EMATeacher
 from t2sda.models import build_model
-from t2sda.models.proj import ProjectionHead
+from t2sda.models.proj import ProjectionHead, gather_pixels
 
 
 class Network(nn.Module):
@@ -41,9 +41,7 @@ class Network(nn.Module):
         projected = None
         if pick is not None and self.proj is not None:
             index = pick(tuple(feature.shape[-2:]))
-            # index_select's backward is an index_add (indexing's would sort the positions).
-            pixels = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
-            projected = self.proj(pixels)
+            projected = self.proj(gather_pixels(feature, index))
         return (logits, projected, *bottleneck)
 
 

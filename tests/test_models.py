@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from t2sda.models import MODELS, Segmentor, _full_model_key, build_model, load_backbone
-from t2sda.models.proj import ProjectionHead
+from t2sda.models.proj import ProjectionHead, gather_pixels
+from t2sda.state import Network
 
 NUM_CLASSES = 11
 STRIDE = {"deeplabv2_r101": 8, "daformer_mitb5": 4, "small_cnn": 2}
@@ -99,6 +100,64 @@ def test_projection_head():
     assert torch.autograd.gradcheck(ProjectionHead(6, 4).double(),
                                     (torch.rand(5, 6, dtype=torch.float64, requires_grad=True),))
     assert ProjectionHead(32, 16)(torch.rand(3, 32)).shape == (3, 16)
+
+
+def _reference_rows(feature, index):
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gather_pixels_gradient_matches_index_select(layout):
+    """The rows' gradient lands in the feature's gradient exactly as a dense scatter would,
+    next to another consumer of the feature, and is not left behind when a backward skips it."""
+    torch.manual_seed(0)
+    base = torch.randn(3, 5, 4, 6, dtype=torch.double, requires_grad=True)
+    index = torch.tensor([0, 7, 7, 23, 24, 71, 50])  # a repeat, image borders, the last pixel
+    weight = torch.randn(len(index), 5, dtype=torch.double)
+    grads = []
+    for gather in (_reference_rows, gather_pixels):
+        feature = (base * 2).contiguous(memory_format=layout)
+        rows = gather(feature, index)
+        torch.testing.assert_close(rows, _reference_rows(feature, index))
+        loss = (feature.square().sum() + (rows * weight).sum())
+        grads.append(torch.autograd.grad(loss, base)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    feature = base * 2
+    rows = gather_pixels(feature, index)
+    only_map = torch.autograd.grad(feature.sum(), base, retain_graph=True)[0]
+    torch.testing.assert_close(only_map, torch.full_like(base, 2.0))
+    # an expanded (not writable) gradient from the other consumer is copied, not written into
+    both = torch.autograd.grad(feature.sum() + rows.sum(), base)[0]
+    expected = torch.full_like(base, 2.0) + 2 * torch.bincount(index, minlength=72).view(3, 1, 4, 6)
+    torch.testing.assert_close(both, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(gather_pixels(feature, index), rows)
+
+
+def test_network_projection_gradients_match_index_select(built: tuple[str, Segmentor]):
+    """Every parameter's gradient through segmentor + projection head equals the one with a
+    plain index_select gather, for every registered model."""
+    name, model = built
+    model.eval()  # no dropout, fixed BN statistics: the two passes see the same function
+    torch.manual_seed(1)
+    net = Network(model, ProjectionHead(model.feature_dim, 8))
+    image = torch.rand(2, 3, 32, 32)
+    h = 32 // STRIDE[name]
+    index = torch.randperm(2 * h * h)[: max(3, h * h // 2)]
+    grads = []
+    for tapped in (False, True):
+        net.zero_grad()
+        if tapped:
+            logits, projected = net(image, lambda size: index)
+        else:
+            logits, feature = model(image)
+            projected = net.proj(_reference_rows(feature, index))
+        (logits.square().mean() + projected.square().mean()).backward()
+        grads.append({k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(net.parameters()))
+    for key, reference in grads[0].items():
+        torch.testing.assert_close(grads[1][key], reference, rtol=1e-4, atol=1e-6, msg=key)
+    model.train()
 
 
 def test_unknown_name():

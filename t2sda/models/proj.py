@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor, nn
 
 
@@ -26,3 +29,69 @@ class ProjectionHead(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.net(pixels)  # (n, in_dim) -> (n, out_dim)
+
+
+def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
+    """Rows of a feature map: feature (B, D, h, w), index (n,) into the flattened B*h*w pixels
+    -> (n, D), for any memory layout.
+
+    With grad, the rows' gradient is added in place into the gradient the feature gets from
+    its other consumers (the classifier), instead of being scattered into a zero-filled
+    feature-sized tensor that autograd then adds to it. On the CPU presets that dense
+    scatter-and-add was about 20 ms of a 220 ms step, more than all the pull's own work.
+    """
+    if not (torch.is_grad_enabled() and feature.requires_grad):
+        return _rows(feature, index)
+    slot: dict[str, Tensor] = {}
+    pixels = _GatherRows.apply(feature, index, slot)
+    feature.register_hook(functools.partial(_add_rows, index=index, slot=slot))
+    return pixels
+
+
+def _positions(feature: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    per_image = feature.shape[2] * feature.shape[3]
+    b = index.div(per_image, rounding_mode="floor")
+    rest = index - b * per_image
+    y = rest.div(feature.shape[3], rounding_mode="floor")
+    return b, y, rest - y * feature.shape[3]
+
+
+def _rows(feature: Tensor, index: Tensor) -> Tensor:
+    b, y, x = _positions(feature, index)
+    return feature[b, :, y, x]  # (n, D) whatever the strides: no copy of the whole map
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: the rows. Backward: no gradient for the feature here; the rows' gradient is
+    left in ``slot`` for the feature's hook, which runs after every consumer of the feature
+    (this one included) has delivered, so it can never be missed or come too early."""
+
+    @staticmethod
+    def forward(ctx, feature: Tensor, index: Tensor, slot: dict) -> Tensor:
+        ctx.slot = slot
+        return _rows(feature, index)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        ctx.slot["grad"] = grad_rows
+        return None, None, None
+
+
+def _add_rows(grad: Tensor, *, index: Tensor, slot: dict) -> Tensor:
+    rows = slot.pop("grad", None)
+    if rows is None:  # a backward that did not go through the rows
+        return grad
+    # The feature's gradient buffer is a fresh tensor owned by autograd (the output of the
+    # classifier's backward), so it is updated in place rather than copied.
+    rows = rows.to(grad.dtype)
+    if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
+        grad = grad.contiguous()  # e.g. the expanded gradient of a sum(): not writable
+    flat = grad.permute(0, 2, 3, 1)
+    if flat.is_contiguous():  # channels_last: pixels are rows of a (B*h*w, D) view
+        flat.view(-1, grad.shape[1]).index_add_(0, index, rows)
+        return grad
+    b, y, x = _positions(grad, index)
+    channel = torch.arange(grad.shape[1], device=grad.device)
+    grad.index_put_((b[:, None], channel[None, :], y[:, None], x[:, None]),
+                    rows, accumulate=True)
+    return grad
