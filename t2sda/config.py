@@ -76,7 +76,7 @@ class DataConfig:
     eval_crop: int = 0  # sliding-window side for validation; 0 = whole image
     eval_stride: int = 0  # 0 = eval_crop // 2
     eval_batch_size: int = 0  # 0 = batch_size
-    cache_dir: str = ""  # file scans and class statistics; "" = ~/.cache/t2sda
+    cache_dir: str = ""  # folder scans, class statistics, rendered digits; "" = ~/.cache/t2sda
     scan_workers: int = 0  # threads reading files at start-up; 0 = min(8, CPUs)
 
     def __post_init__(self):

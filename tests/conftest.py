@@ -1,7 +1,19 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from t2sda.presets import get_preset
+
+# Scans and rendered digits scenes go to a cache shared by this run's processes (xdist
+# workers, Ray workers and CLI subprocesses inherit it), never to the user's ~/.cache.
+# The process that makes it (the xdist controller, which outlives its workers) removes it.
+if not os.environ.get("T2SDA_CACHE_DIR"):
+    os.environ["T2SDA_CACHE_DIR"] = tempfile.mkdtemp(prefix="t2sda-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["T2SDA_CACHE_DIR"], ignore_errors=True)
 
 # Two cores shared with everything else: one intra-op thread keeps tests predictable.
 torch.set_num_threads(1)

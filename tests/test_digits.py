@@ -97,6 +97,44 @@ def test_cache_and_no_cache_agree(domain):
     assert torch.equal(cached[0][0], fresh[0][0])
 
 
+def test_disk_cache_round_trip_and_recovery(tmp_path, monkeypatch, caplog):
+    """The rendered set is written once, read back identical by the next instance without
+    rendering, named by its parameters; a corrupt file is rendered again and replaced; an
+    unwritable folder leaves the scenes in memory with a warning."""
+    kwargs = dict(domain="target", split="train", length=5, strength=0.6, seed=3, image_size=32)
+    first = DigitScenes(**kwargs, cache_dir=tmp_path)
+    items = [first[i] for i in range(5)]
+    path = first.cache_file()
+    assert path.is_file() and path.parent == tmp_path and list(tmp_path.iterdir()) == [path]
+    for other in (dict(seed=4), dict(length=6), dict(strength=0.5), dict(domain="source")):
+        assert DigitScenes(**{**kwargs, **other}, cache_dir=tmp_path).cache_file() != path
+
+    def no_render(self, i):
+        raise AssertionError("rendered although the cache file exists")
+
+    with monkeypatch.context() as m:
+        m.setattr(DigitScenes, "_render", no_render)
+        again = DigitScenes(**kwargs, cache_dir=tmp_path)
+        for i, (image, label) in enumerate(items):
+            assert torch.equal(again[i][0], image) and torch.equal(again[i][1], label)
+
+    path.write_bytes(b"not an array")
+    with caplog.at_level("WARNING"):
+        repaired = DigitScenes(**kwargs, cache_dir=tmp_path)
+        assert torch.equal(repaired[2][0], items[2][0])
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    assert np.load(path).shape == (5, 4, 32, 32)
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        in_memory = DigitScenes(**kwargs, cache_dir=blocked / "sub")
+        assert torch.equal(in_memory[4][1], items[4][1])
+    assert "could not keep the digits scenes" in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_labels_follow_coverage_with_ignored_rim():
     rng = np.random.default_rng(7)
     for _ in range(20):

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2sda.config import DataConfig
-from t2sda.data import digits, real
+from t2sda.data import digits, real, scan
 from t2sda.data.base import Datasets, InfiniteSampler
 
 __all__ = ["Datasets", "InfiniteSampler", "batch_stream", "build_datasets", "eval_loader"]
@@ -19,7 +19,7 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
         def scenes(domain: str, split: str, length: int, offset: int) -> digits.DigitScenes:
             return digits.DigitScenes(domain=domain, split=split, length=length,
                                       strength=cfg.strength, seed=seed + offset,
-                                      image_size=cfg.image_size)
+                                      image_size=cfg.image_size, cache_dir=_cache_dir(cfg))
 
         target = scenes("target", "train", cfg.train_scenes, 1)
         # The oracle learns from labelled target scenes drawn apart from the unlabelled stream.
@@ -28,8 +28,8 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Datasets:
         val = digits_val(cfg)
         # Held-out source scenes come from the test digits, so no digit is shared with training.
         source_val = digits.DigitScenes(domain="source", split="test", length=cfg.source_val_images,
-                                        strength=cfg.strength, seed=20_000,
-                                        image_size=cfg.image_size) if cfg.source_val_images else None
+                                        strength=cfg.strength, seed=20_000, image_size=cfg.image_size,
+                                        cache_dir=_cache_dir(cfg)) if cfg.source_val_images else None
         return Datasets(source, target, val, digits.CLASS_NAMES, source_val=source_val)
     if cfg.name == "real":
         return real.build(cfg, seed=seed)
@@ -40,7 +40,13 @@ def digits_val(cfg: DataConfig) -> digits.DigitScenes:
     """The digits validation scenes alone. They do not depend on the run's seed: every run is
     scored on the same set."""
     return digits.DigitScenes(domain="target", split="test", length=cfg.val_scenes,
-                              strength=cfg.strength, seed=10_000, image_size=cfg.image_size)
+                              strength=cfg.strength, seed=10_000, image_size=cfg.image_size,
+                              cache_dir=_cache_dir(cfg))
+
+
+def _cache_dir(cfg: DataConfig):
+    """The digits scenes, like the folder scans, are kept under ``data.cache_dir``."""
+    return cfg.cache_dir or scan.default_cache_dir()
 
 
 def batch_stream(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int = 0,

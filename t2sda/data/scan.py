@@ -24,6 +24,9 @@ _ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def default_cache_dir() -> Path:
+    """``$T2SDA_CACHE_DIR``, else ``$XDG_CACHE_HOME/t2sda``, else ``~/.cache/t2sda``."""
+    if os.environ.get("T2SDA_CACHE_DIR"):
+        return Path(os.environ["T2SDA_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2sda"
 
 
