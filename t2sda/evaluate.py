@@ -50,6 +50,24 @@ def slide_logits(model, image: torch.Tensor, *, num_classes: int, crop: int,
 
 
 @torch.no_grad()
+def logits_of(model, image: torch.Tensor, *, num_classes: int, crop: int = 0,
+              stride: int = 0) -> torch.Tensor:
+    """float logits (B, C, h, w): the model's own output resolution for whole images, full
+    resolution with a sliding ``crop`` (used when the image is larger than it)."""
+    if crop and (image.shape[-2] > crop or image.shape[-1] > crop):
+        return slide_logits(model, image, num_classes=num_classes, crop=crop,
+                            stride=stride or crop // 2)
+    return model(image)[0].float()
+
+
+def classes_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) argmax of ``logits`` bilinearly brought to ``size`` first."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
 def predict(model, image: torch.Tensor, *, num_classes: int, crop: int = 0,
             stride: int = 0, size: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, H, W) predicted classes; whole-image inference unless a sliding ``crop`` is given.
@@ -57,33 +75,30 @@ def predict(model, image: torch.Tensor, *, num_classes: int, crop: int = 0,
     ``size`` (H, W): predict at another resolution than the image's, e.g. the full-size label
     of a downscaled validation image (logits are upsampled before the argmax).
     """
-    size = tuple(size or image.shape[-2:])
-    if crop and (image.shape[-2] > crop or image.shape[-1] > crop):
-        logits = slide_logits(model, image, num_classes=num_classes, crop=crop,
-                              stride=stride or crop // 2)
-    else:
-        logits = model(image)[0].float()
-    if tuple(logits.shape[-2:]) != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)
+    logits = logits_of(model, image, num_classes=num_classes, crop=crop, stride=stride)
+    return classes_at(logits, size or image.shape[-2:])
 
 
 @torch.no_grad()
 def evaluate(models: dict, loader, *, num_classes: int, device: torch.device,
-             crop: int = 0, stride: int = 0) -> dict[str, torch.Tensor]:
+             crop: int = 0, stride: int = 0, observe=None) -> dict[str, torch.Tensor]:
     """Confusion matrices of several models over one pass of ``loader`` (summed over ranks).
 
     ``models`` maps a name to a callable returning (logits, ...); each is put in eval mode by
-    the caller. Returns name -> (C, C) confusion matrix.
+    the caller. ``observe({name: logits})``, if given, sees every batch's logits (those of
+    :func:`logits_of`), so label-free scores share this pass. Returns name -> (C, C)
+    confusion matrix.
     """
     confs = {name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
              for name in models}
     for image, label in loader:
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        for name, model in models.items():
-            pred = predict(model, image, num_classes=num_classes, crop=crop, stride=stride,
-                           size=label.shape[-2:])
-            confs[name] += confusion_matrix(pred, label, num_classes)
+        logits = {name: logits_of(model, image, num_classes=num_classes, crop=crop, stride=stride)
+                  for name, model in models.items()}
+        if observe is not None:
+            observe(logits)
+        for name, value in logits.items():
+            confs[name] += confusion_matrix(classes_at(value, label.shape[-2:]), label, num_classes)
     for conf in confs.values():
         dist.all_reduce_sum(conf)
     return confs

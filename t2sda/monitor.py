@@ -24,7 +24,7 @@ from t2sda import dist, validators
 from t2sda.config import Config
 from t2sda.data.loaders import eval_loader
 from t2sda.diagnostics import balanced_sample, feature_metrics
-from t2sda.evaluate import evaluate, iou_from_confusion, slide_logits
+from t2sda.evaluate import evaluate, iou_from_confusion, logits_of
 
 DIAG_IMAGES = 16  # per domain
 PER_CLASS = 64  # labelled pixels per class per domain
@@ -68,6 +68,21 @@ class Monitor:
                 for img, lab in pairs]
         self.index: dict[str, list[torch.Tensor]] = {}  # domain -> positions per image
         self.snd_index: list[torch.Tensor] | None = None
+        # agreement count, pixels, entropy sum, pixels over this rank's share of the target
+        # split, filled by observe() during the evaluation pass (or by a pass of its own)
+        self.target_sums: torch.Tensor | None = None
+
+    def observe(self, logits: dict[str, torch.Tensor]) -> None:
+        """One batch of the target validation split: {"student": logits, "teacher": logits}
+        (what ``evaluate(..., observe=monitor.observe)`` passes), folded into agreement and
+        entropy, so the validators need no forward pass of their own."""
+        if not self.validators:
+            return
+        agree, n = validators.agreement_count(logits["student"], logits["teacher"])
+        ent, m = validators.entropy_sum(logits["student"])
+        batch = torch.stack([agree.double(), torch.tensor(n, dtype=torch.float64, device=agree.device),
+                             ent.double(), torch.tensor(m, dtype=torch.float64, device=ent.device)])
+        self.target_sums = batch if self.target_sums is None else self.target_sums + batch
 
     @torch.no_grad()
     def __call__(self, state) -> tuple[dict, dict, dict]:
@@ -164,28 +179,20 @@ class Monitor:
                             num_classes=self.data.num_classes, device=self.device, crop=crop,
                             stride=stride)["student"]
             out["select/source_miou"] = 100 * iou_from_confusion(conf)[1].item()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # agree, n, entropy, n
-        for image, _ in eval_loader(self.data.val, batch_size=batch, **world):
-            image = image.to(self.device)
-            s_logits = _logits(student, image, self.data.num_classes, crop, stride)
-            t_logits = _logits(teacher, image, self.data.num_classes, crop, stride)
-            agree, n = validators.agreement_count(s_logits, t_logits)
-            ent, m = validators.entropy_sum(s_logits)
-            sums += torch.stack([agree, torch.tensor(n, device=agree.device, dtype=torch.float64),
-                                 ent, torch.tensor(m, device=ent.device, dtype=torch.float64)])
+        sums, self.target_sums = self.target_sums, None
+        if sums is None:  # no evaluation pass shared its logits: a pass of its own
+            for image, _ in eval_loader(self.data.val, batch_size=batch, **world):
+                image = image.to(self.device)
+                self.observe({name: logits_of(model, image, num_classes=self.data.num_classes,
+                                              crop=crop, stride=stride)
+                              for name, model in (("student", student), ("teacher", teacher))})
+            sums, self.target_sums = self.target_sums, None
         dist.all_reduce_sum(sums)
         out["select/agreement"] = (sums[0] / sums[1]).item()
         out["select/entropy"] = (sums[2] / sums[3]).item()
         if target is not None:
             out["select/snd"] = validators.snd(target["snd"])
         return out
-
-
-def _logits(model, image, num_classes: int, crop: int, stride: int) -> torch.Tensor:
-    if crop and (image.shape[-2] > crop or image.shape[-1] > crop):
-        return slide_logits(model, image, num_classes=num_classes, crop=crop,
-                            stride=stride or crop // 2)
-    return model(image)[0].float()
 
 
 def with_best(metrics: dict, previous: dict, *, since: int = -1) -> dict:

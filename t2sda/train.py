@@ -99,7 +99,9 @@ def _check_finite_miou(metrics: dict, step: int) -> None:
         raise NonFiniteMetricError(f"step {step}: validation mIoU is not finite ({shown})")
 
 
-def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dict:
+def _validate(state: TrainState, data, cfg: Config, device: torch.device,
+              observe=None) -> dict:
+    """val/ metrics; ``observe`` sees the target split's logits (the monitor's validators)."""
     student, teacher = dist.unwrap(state.student), state.teacher
     student.eval()
     metrics = {}
@@ -108,7 +110,8 @@ def _validate(state: TrainState, data, cfg: Config, device: torch.device) -> dic
         loader = eval_loader(dataset, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
                              rank=dist.rank(), world_size=dist.world_size())
         confs = evaluate({"student": student, "teacher": teacher}, loader, num_classes=data.num_classes,
-                         device=device, crop=cfg.data.eval_crop, stride=cfg.data.eval_stride)
+                         device=device, crop=cfg.data.eval_crop, stride=cfg.data.eval_stride,
+                         observe=observe if prefix == "val" else None)
         for name, conf in confs.items():
             iou, miou = iou_from_confusion(conf)
             suffix = "" if name == "student" else "_teacher"
@@ -234,7 +237,8 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
             # Best-so-far carried through checkpoints: what a search compares, so a trial
             # stopped early and one run to the end are judged alike.
             best, previous = metrics.get("val/best_mIoU", -math.inf), metrics
-            metrics = {"step": step, **_validate(state, data, cfg, device),
+            metrics = {"step": step, **_validate(state, data, cfg, device,
+                                                 monitor.observe if monitor is not None else None),
                        "perf/steps_per_s": total_steps / total_time,
                        "perf/images_per_s": 2 * b * world * total_steps / total_time}
             metrics["val/best_mIoU"] = max(best, metrics["val/mIoU"])

@@ -158,6 +158,22 @@ def test_monitor_on_labels_larger_than_images_and_without_source_split(tiny_cfg)
     assert len(embeddings["decoder"][1]) == len(embeddings["decoder"][0]) <= 1000
     assert set(per_class) >= {f"feat/proj/target_to_source_acc/{c}" for c in names}
     assert state.student.training  # back in training mode
+    # The evaluation pass shares its logits: the same scores without a pass of their own.
+    from t2sda.data.loaders import eval_loader
+    from t2sda.evaluate import evaluate
+
+    student = state.student
+    student.eval()
+    calls = []
+    monitor.observe = lambda logits, own=monitor.observe: (calls.append(1), own(logits))
+    evaluate({"student": student, "teacher": state.teacher}, eval_loader(data.val, batch_size=2),
+             num_classes=11, device=torch.device("cpu"), observe=monitor.observe)
+    student.train()
+    assert len(calls) == 2 and monitor.target_sums is not None
+    shared, _, _ = monitor(state)
+    assert len(calls) == 2 and monitor.target_sums is None  # no second pass; sums consumed
+    for key in ("select/agreement", "select/entropy"):
+        assert shared[key] == pytest.approx(metrics[key], rel=1e-9)
     data.source_val = None  # no source split: no feat/, no source_miou; target scores stay
     metrics, _, _ = Monitor(data, tiny_cfg, torch.device("cpu"))(state)
     assert not any(k.startswith("feat/") for k in metrics) and "select/source_miou" not in metrics
