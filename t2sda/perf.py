@@ -11,10 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-import torch._dynamo
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from t2sda.config import ConfigError, TrainConfig
 
@@ -48,6 +45,8 @@ def compile_forward(module: nn.Module, *, mode: str, name: str, backend="inducto
     ``backend`` is torch.compile's (``mode`` applies to inductor only).
     Call it after any ``copy.deepcopy`` of the module: a copy would share this forward.
     """
+    import torch._dynamo  # here, not at import: it takes seconds, and most runs never compile
+
     eager = module.forward
     mode_arg = None if mode == "default" or backend != "inductor" else mode
     compiled = torch.compile(eager, mode=mode_arg, backend=backend)
@@ -101,6 +100,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     inside one op are not seen, so this is the peak of tensors that outlive an op:
     activations saved for the backward, gradients, outputs.
     """
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted((event.time_range.start, event.self_cpu_memory_usage)

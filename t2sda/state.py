@@ -41,7 +41,7 @@ class Network(nn.Module):
         projected = None
         if pick is not None and self.proj is not None:
             index = pick(tuple(feature.shape[-2:]))
-            projected = self.proj(gather_pixels(feature, index))
+            projected = self.proj(gather_pixels(feature, index, consumer=logits))
         return (logits, projected, *bottleneck)
 
 

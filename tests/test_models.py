@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from t2sda.models import MODELS, Segmentor, _full_model_key, build_model, load_backbone
-from t2sda.models.proj import ProjectionHead, gather_pixels
+from t2sda.models.proj import ProjectionHead, _reaches, gather_pixels
 from t2sda.state import Network
 
 NUM_CLASSES = 11
@@ -106,6 +106,11 @@ def _reference_rows(feature, index):
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
 
 
+def _in_place_rows(feature, index):
+    """The in-place path: the map's own other consumer is the one the rows' gradient joins."""
+    return gather_pixels(feature, index, consumer=feature * 1.0)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_gather_pixels_gradient_matches_index_select(layout):
     """The rows' gradient lands in the feature's gradient exactly as a dense scatter would,
@@ -115,21 +120,26 @@ def test_gather_pixels_gradient_matches_index_select(layout):
     index = torch.tensor([0, 7, 7, 23, 24, 71, 50])  # a repeat, image borders, the last pixel
     weight = torch.randn(len(index), 5, dtype=torch.double)
     grads = []
-    for gather in (_reference_rows, gather_pixels):
+    for gather in (_reference_rows, gather_pixels, _in_place_rows):  # plain, dense, in place
         feature = (base * 2).contiguous(memory_format=layout)
         rows = gather(feature, index)
         torch.testing.assert_close(rows, _reference_rows(feature, index))
         loss = (feature.square().sum() + (rows * weight).sum())
         grads.append(torch.autograd.grad(loss, base)[0])
     torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], grads[0])
     feature = base * 2
-    rows = gather_pixels(feature, index)
-    only_map = torch.autograd.grad(feature.sum(), base, retain_graph=True)[0]
+    consumer = feature.sum()
+    rows = gather_pixels(feature, index, consumer=consumer)
+    only_map = torch.autograd.grad(consumer, base, retain_graph=True)[0]
     torch.testing.assert_close(only_map, torch.full_like(base, 2.0))
     # an expanded (not writable) gradient from the other consumer is copied, not written into
-    both = torch.autograd.grad(feature.sum() + rows.sum(), base)[0]
+    both = torch.autograd.grad(consumer + rows.sum(), base, retain_graph=True)[0]
     expected = torch.full_like(base, 2.0) + 2 * torch.bincount(index, minlength=72).view(3, 1, 4, 6)
     torch.testing.assert_close(both, expected)
+    # the rows alone cannot join a gradient that never comes: an error, not a dropped gradient
+    with pytest.raises(RuntimeError, match="must include the logits"):
+        torch.autograd.grad(rows.sum(), base)
     with torch.no_grad():
         torch.testing.assert_close(gather_pixels(feature, index), rows)
 
@@ -144,6 +154,11 @@ def test_network_projection_gradients_match_index_select(built: tuple[str, Segme
     image = torch.rand(2, 3, 32, 32)
     h = 32 // STRIDE[name]
     index = torch.randperm(2 * h * h)[: max(3, h * h // 2)]
+    for mode in ("train", "eval"):  # the in-place path is taken, dropout or not
+        getattr(model, mode)()
+        logits, feature = model(image)
+        assert _reaches(logits, feature)
+    model.eval()
     grads = []
     for tapped in (False, True):
         net.zero_grad()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import logging
 import operator
 import os
@@ -36,8 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy.ndimage import gaussian_filter
-from sklearn.datasets import load_digits, load_sample_images
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +59,31 @@ _P_DIGIT = 0.8
 def _code_hash() -> str:
     """Short hash of what a scene depends on besides its parameters: this module's source
     (the renderer) and scikit-learn's version (its digits and sample photos)."""
-    import sklearn
-
-    text = Path(__file__).read_bytes() + sklearn.__version__.encode()
+    text = Path(__file__).read_bytes() + importlib.metadata.version("scikit-learn").encode()
     return hashlib.sha256(text).hexdigest()[:12]
 
 
 @functools.cache
 def _digit_alphas() -> np.ndarray:
     """(1797, 8, 8) float32 coverage in [0, 1]; digit values are 0..16."""
+    from sklearn.datasets import load_digits  # only to render: cached scenes need no sklearn
+
     return (load_digits().images / 16.0).astype(np.float32)
 
 
 @functools.cache
 def _digit_targets() -> np.ndarray:
     """(1797,) int64 digit value 0..9 of each image."""
+    from sklearn.datasets import load_digits
+
     return load_digits().target.astype(np.int64)
 
 
 @functools.cache
 def _photos() -> tuple[np.ndarray, ...]:
     """The sample photos, each (427, 640, 3) uint8."""
+    from sklearn.datasets import load_sample_images
+
     return tuple(load_sample_images().images)
 
 
@@ -166,6 +169,8 @@ def _render_target(rng: np.random.Generator, alpha: np.ndarray, split: str) -> n
     img = np.abs(bgd - alpha[..., None])
     img = img ** rng.uniform(0.7, 1.4) * rng.uniform(0.7, 1.3, size=3).astype(np.float32)
     if rng.random() < 0.3:
+        from scipy.ndimage import gaussian_filter
+
         img = gaussian_filter(img, sigma=(rng.uniform(0.5, 1.2),) * 2 + (0,))
     img = img + 0.03 * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(img, 0, 1, dtype=np.float32)

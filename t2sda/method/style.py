@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC
 
 EMBED_DIM = 100
 FILES = {
@@ -97,6 +96,10 @@ class StylePredictor(nn.Module):
 
     def __init__(self):
         super().__init__()
+        # Imported here: torchvision.models takes about 2 s to import, paid only with
+        # translate=style.
+        from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC
+
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)

@@ -7,7 +7,6 @@ patch embeddings, spatial-reduction attention, Mix-FFN with a depthwise conv; ch
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,6 +78,8 @@ class DAFormer(Segmentor):
 
     def __init__(self, num_classes: int, *, pretrained_timm: bool = False):
         super().__init__()
+        import timm  # here: importing timm costs about a second that small_cnn runs need not pay
+
         self.backbone = timm.create_model(
             "pvt_v2_b5", features_only=True, out_indices=(0, 1, 2, 3), pretrained=pretrained_timm
         )

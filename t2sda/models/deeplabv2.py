@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +43,8 @@ class DeepLabV2(Segmentor):
 
     def __init__(self, num_classes: int, *, pretrained_timm: bool = False):
         super().__init__()
+        import timm  # here: importing timm costs about a second that small_cnn runs need not pay
+
         self.backbone = timm.create_model(
             "resnet101", features_only=True, out_indices=(4,), output_stride=8,
             pretrained=pretrained_timm,

@@ -31,21 +31,64 @@ class ProjectionHead(nn.Module):
         return self.net(pixels)  # (n, in_dim) -> (n, out_dim)
 
 
-def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
+def gather_pixels(feature: Tensor, index: Tensor, *, consumer: Tensor | None = None) -> Tensor:
     """Rows of a feature map: feature (B, D, h, w), index (n,) into the flattened B*h*w pixels
     -> (n, D), for any memory layout.
 
-    With grad, the rows' gradient is added in place into the gradient the feature gets from
-    its other consumers (the classifier), instead of being scattered into a zero-filled
-    feature-sized tensor that autograd then adds to it. On the CPU presets that dense
-    scatter-and-add was about 20 ms of a 220 ms step, more than all the pull's own work.
+    ``consumer``: a tensor computed from ``feature`` by eager autograd ops (the logits) that
+    every backward through the rows also goes through (the loss always has a CE term). The
+    rows' gradient is then added in place into the gradient the feature gets from it, instead
+    of being scattered into a zero-filled feature-sized tensor that autograd then adds to the
+    other: on the CPU presets that dense scatter-and-add was about 20 ms of a 220 ms step, more
+    than all the pull's own work. When the consumer does not reach the feature through eager
+    nodes (a compiled segmentor computes both in one graph node) or none is given, the rows'
+    gradient is the plain dense one.
     """
     if not (torch.is_grad_enabled() and feature.requires_grad):
         return _rows(feature, index)
+    if consumer is None or not _reaches(consumer, feature):
+        return _DenseRows.apply(feature, index)
     slot: dict[str, Tensor] = {}
     pixels = _GatherRows.apply(feature, index, slot)
     feature.register_hook(functools.partial(_add_rows, index=index, slot=slot))
     return pixels
+
+
+def _reaches(consumer: Tensor, feature: Tensor, max_nodes: int = 64) -> bool:
+    """Whether ``consumer``'s autograd graph has an edge into ``feature`` (within a few nodes:
+    the classifier sits right after the decoder feature)."""
+    target = (feature.grad_fn, feature.output_nr)
+    frontier, seen = [consumer.grad_fn], set()
+    while frontier and len(seen) < max_nodes:
+        node = frontier.pop(0)
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for edge in node.next_functions:
+            if edge[0] is target[0] and edge[1] == target[1]:
+                return True
+            frontier.append(edge[0])
+    return False
+
+
+class _DenseRows(torch.autograd.Function):
+    """The rows, with their gradient scattered into a feature-sized zero tensor."""
+
+    @staticmethod
+    def forward(ctx, feature: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.like = (feature.shape, feature.dtype, feature.device)
+        ctx.channels_last = feature.is_contiguous(memory_format=torch.channels_last)
+        return _rows(feature, index)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (index,) = ctx.saved_tensors
+        shape, dtype, device = ctx.like
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        _scatter_add(grad, index, grad_rows)
+        return grad, None
 
 
 def _positions(feature: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,21 +120,28 @@ class _GatherRows(torch.autograd.Function):
         return None, None, None
 
 
-def _add_rows(grad: Tensor, *, index: Tensor, slot: dict) -> Tensor:
+def _add_rows(grad: Tensor | None, *, index: Tensor, slot: dict) -> Tensor | None:
     rows = slot.pop("grad", None)
     if rows is None:  # a backward that did not go through the rows
         return grad
-    # The feature's gradient buffer is a fresh tensor owned by autograd (the output of the
-    # classifier's backward), so it is updated in place rather than copied.
-    rows = rows.to(grad.dtype)
+    if grad is None:  # autograd cannot turn a missing gradient into one: say so, never drop it
+        raise RuntimeError("the projected pixels' gradient joins the feature's gradient from the "
+                           "logits; a backward through the projection must include the logits")
     if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
         grad = grad.contiguous()  # e.g. the expanded gradient of a sum(): not writable
+    # The feature's gradient buffer is a fresh tensor owned by autograd (the output of the
+    # classifier's backward), so it is updated in place rather than copied.
+    _scatter_add(grad, index, rows)
+    return grad
+
+
+def _scatter_add(grad: Tensor, index: Tensor, rows: Tensor) -> None:
+    """grad (B, D, h, w) += rows (n, D) at the flattened pixel positions ``index``."""
+    rows = rows.to(grad.dtype)
     flat = grad.permute(0, 2, 3, 1)
     if flat.is_contiguous():  # channels_last: pixels are rows of a (B*h*w, D) view
         flat.view(-1, grad.shape[1]).index_add_(0, index, rows)
-        return grad
+        return
     b, y, x = _positions(grad, index)
     channel = torch.arange(grad.shape[1], device=grad.device)
-    grad.index_put_((b[:, None], channel[None, :], y[:, None], x[:, None]),
-                    rows, accumulate=True)
-    return grad
+    grad.index_put_((b[:, None], channel[None, :], y[:, None], x[:, None]), rows, accumulate=True)
