@@ -294,6 +294,33 @@ def plot(results: list[dict], summary: dict, presets: list[str], path: Path) -> 
     plt.close(fig)
 
 
+def step_overhead(preset: str, extra: list[str], steps: int, repeats: int) -> dict:
+    """Step time with and without pull + re-weighting, ``repeats`` independent interleaved
+    timings (fresh models each): per setting the median ms, per overhead the median and the
+    range over the repeats (one timing moves by several points on a shared machine)."""
+    settings = {"without": WITHOUT_PULL, "with": [],
+                "with_student_keys": ["method.pull_key_net=student"]}
+    runs = [interleaved_step_ms(preset, extra, steps, settings) for _ in range(repeats)]
+    out = {name: statistics.median(r[name] for r in runs) for name in settings}
+    for name, key in (("with", "overhead_pct"), ("with_student_keys", "overhead_student_keys_pct")):
+        pct = [100 * (r[name] / r["without"] - 1) for r in runs]
+        out[key], out[f"{key}_range"] = statistics.median(pct), [min(pct), max(pct)]
+    out["repeats"] = runs
+    return out
+
+
+def timing_text(t: dict, preset: str, steps: int) -> str:
+    def pct(key: str) -> str:
+        low, high = t[f"{key}_range"]
+        return f"+{t[key]:.1f} % (range {low:+.1f} to {high:+.1f} %)"
+
+    return (f"Step time ({preset}, 1 thread, adaptation phase, interleaved, median of {steps} "
+            f"steps; median of {len(t['repeats'])} repeats): {t['without']:.0f} ms without pull + "
+            f"re-weighting, {t['with']:.0f} ms with, {pct('overhead_pct')}; "
+            f"{t['with_student_keys']:.0f} ms with keys from the student's own source pass "
+            f"(`method.pull_key_net=student`), {pct('overhead_student_keys_pct')}.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["digits", "digits_hard"])
@@ -307,6 +334,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default="results/bench_pull")
     parser.add_argument("--timing-steps", type=int, default=40, help="0 = skip the overhead timing")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="independent interleaved timings; the median is reported")
     parser.add_argument("--report-only", action="store_true", help="only runs already finished")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore the runs recorded in <out>/results.json (rerun them)")
@@ -334,16 +363,8 @@ def main() -> int:
              + (f"met by {', '.join(rule['qualified'])}." if rule["qualified"] else "met by no variant."))
     timing = None
     if args.timing_steps:
-        ms = interleaved_step_ms(args.presets[0], args.set, args.timing_steps,
-                                 {"without": WITHOUT_PULL, "with": [],
-                                  "with_student_keys": ["method.pull_key_net=student"]})
-        timing = {**ms, "overhead_pct": 100 * (ms["with"] / ms["without"] - 1),
-                  "overhead_student_keys_pct": 100 * (ms["with_student_keys"] / ms["without"] - 1)}
-        text += (f"\n\nStep time ({args.presets[0]}, 1 thread, adaptation phase, interleaved, median "
-                 f"of {args.timing_steps}): {ms['without']:.0f} ms without pull + re-weighting, "
-                 f"{ms['with']:.0f} ms with (+{timing['overhead_pct']:.1f} %), "
-                 f"{ms['with_student_keys']:.0f} ms with keys from the student's own source pass "
-                 f"(`method.pull_key_net=student`, +{timing['overhead_student_keys_pct']:.1f} %).")
+        timing = step_overhead(args.presets[0], args.set, args.timing_steps, args.timing_repeats)
+        text += "\n\n" + timing_text(timing, args.presets[0], args.timing_steps)
     print(text)
     plot(results, summary, args.presets, root / "pull_study.png")
     payload = {"command": " ".join(sys.argv), "presets": args.presets, "seeds": args.seeds,

@@ -125,6 +125,20 @@ def test_pull_study_takes_runs_recorded_in_results_json(tmp_path, monkeypatch):
         bench.recorded_runs(tmp_path / "results.json", [])
 
 
+def test_pull_overhead_is_the_median_of_repeats(monkeypatch):
+    bench = _load("bench_pull")
+    timings = iter([{"without": 200.0, "with": 240.0, "with_student_keys": 210.0},
+                    {"without": 250.0, "with": 275.0, "with_student_keys": 255.0},
+                    {"without": 220.0, "with": 253.0, "with_student_keys": 242.0}])
+    monkeypatch.setattr(bench, "interleaved_step_ms", lambda *args: next(timings))
+    t = bench.step_overhead("digits", [], 30, 3)
+    assert (t["without"], t["with"], t["with_student_keys"]) == (220.0, 253.0, 242.0)
+    assert t["overhead_pct"] == pytest.approx(15.0) and t["overhead_pct_range"] == pytest.approx([10.0, 20.0])
+    assert t["overhead_student_keys_pct"] == pytest.approx(5.0)
+    assert t["overhead_student_keys_pct_range"] == pytest.approx([2.0, 10.0])
+    assert "+15.0 % (range +10.0 to +20.0 %)" in bench.timing_text(t, "digits", 30)
+
+
 def test_search_bench_anytime_curve_and_goal(tmp_path):
     import json
 
