@@ -129,14 +129,15 @@ def test_gather_pixels_gradient_matches_index_select(layout):
     torch.testing.assert_close(grads[1], grads[0])
     torch.testing.assert_close(grads[2], grads[0])
     feature = base * 2
-    consumer = feature.sum()
+    consumer = (feature * 1.0).sum()
     rows = gather_pixels(feature, index, consumer=consumer)
     only_map = torch.autograd.grad(consumer, base, retain_graph=True)[0]
     torch.testing.assert_close(only_map, torch.full_like(base, 2.0))
-    # an expanded (not writable) gradient from the other consumer is copied, not written into
     both = torch.autograd.grad(consumer + rows.sum(), base, retain_graph=True)[0]
     expected = torch.full_like(base, 2.0) + 2 * torch.bincount(index, minlength=72).view(3, 1, 4, 6)
     torch.testing.assert_close(both, expected)
+    # An add hands one gradient tensor to both inputs: never written into, the dense path.
+    assert not _reaches(feature + base, feature) and _reaches((feature * 3).sum(), feature)
     # the rows alone cannot join a gradient that never comes: an error, not a dropped gradient
     with pytest.raises(RuntimeError, match="must include the logits"):
         torch.autograd.grad(rows.sum(), base)

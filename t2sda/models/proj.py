@@ -54,10 +54,17 @@ def gather_pixels(feature: Tensor, index: Tensor, *, consumer: Tensor | None = N
     return pixels
 
 
+# Backward nodes whose gradient for their input is a new tensor, never one that another
+# gradient shares (an add's backward hands the same tensor to both of its inputs).
+_FRESH = ("ConvolutionBackward", "NativeDropoutBackward", "MulBackward", "ToCopyBackward",
+          "AddmmBackward", "MmBackward", "BmmBackward")
+
+
 def _reaches(consumer: Tensor, feature: Tensor, max_nodes: int = 64) -> bool:
     """Whether ``consumer``'s autograd graph has an edge into ``feature`` (within a few nodes:
-    the classifier sits right after the decoder feature)."""
-    target = (feature.grad_fn, feature.output_nr)
+    the classifier sits right after the decoder feature), and every such edge comes from a node
+    whose input gradient is a fresh tensor, so the feature's gradient can be written in place."""
+    target, found = (feature.grad_fn, feature.output_nr), False
     frontier, seen = [consumer.grad_fn], set()
     while frontier and len(seen) < max_nodes:
         node = frontier.pop(0)
@@ -66,9 +73,12 @@ def _reaches(consumer: Tensor, feature: Tensor, max_nodes: int = 64) -> bool:
         seen.add(node)
         for edge in node.next_functions:
             if edge[0] is target[0] and edge[1] == target[1]:
-                return True
-            frontier.append(edge[0])
-    return False
+                if not type(node).__name__.rstrip("0123456789").endswith(_FRESH):
+                    return False
+                found = True
+            else:
+                frontier.append(edge[0])
+    return found
 
 
 class _DenseRows(torch.autograd.Function):
