@@ -5,7 +5,8 @@
 
 In one process and one thread, interleaved so machine load hits every part alike, it times:
 training steps in the source-only warm-up and in the adaptation phase (median), the existing
-evaluation (target val mIoU, student + teacher), and the monitor's two parts. It extrapolates
+evaluation (target val mIoU, student + teacher; the validators' agreement and entropy read its
+logits, as in training), and the monitor's two parts. It extrapolates
 to the preset's whole run (iters steps, an evaluation every eval_every / checkpoint_every
 steps) and reports each part's share of that run's wall time. Prints a table and writes
 ``results/bench_diagnostics/<preset>.json``.
@@ -60,7 +61,7 @@ def measure(preset: str, extra: list[str], steps: int, repeats: int) -> dict:
         if start < cfg.train.iters:
             steps_at(start, "step_adapt")
         tic = time.perf_counter()
-        _validate(state, data, cfg, device)
+        _validate(state, data, cfg, device, monitor.observe)  # as training: validators share it
         times["eval"].append(time.perf_counter() - tic)
         metrics, _, _ = monitor(state)
         times["diagnostics"].append(metrics["perf/diagnostics_s"])
