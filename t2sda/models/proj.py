@@ -47,7 +47,8 @@ def gather_pixels(feature: Tensor, index: Tensor, *, consumer: Tensor | None = N
     if not (torch.is_grad_enabled() and feature.requires_grad):
         return _rows(feature, index)
     if consumer is None or not _reaches(consumer, feature):
-        return _DenseRows.apply(feature, index)
+        # index_select's backward is an index_add (indexing's would sort the positions).
+        return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).index_select(0, index)
     slot: dict[str, Tensor] = {}
     pixels = _GatherRows.apply(feature, index, slot)
     feature.register_hook(functools.partial(_add_rows, index=index, slot=slot))
@@ -64,6 +65,8 @@ def _reaches(consumer: Tensor, feature: Tensor, max_nodes: int = 64) -> bool:
     """Whether ``consumer``'s autograd graph has an edge into ``feature`` (within a few nodes:
     the classifier sits right after the decoder feature), and every such edge comes from a node
     whose input gradient is a fresh tensor, so the feature's gradient can be written in place."""
+    if feature.grad_fn is None:  # a leaf: nothing to hook a gradient buffer to
+        return False
     target, found = (feature.grad_fn, feature.output_nr), False
     frontier, seen = [consumer.grad_fn], set()
     while frontier and len(seen) < max_nodes:
@@ -79,26 +82,6 @@ def _reaches(consumer: Tensor, feature: Tensor, max_nodes: int = 64) -> bool:
             else:
                 frontier.append(edge[0])
     return found
-
-
-class _DenseRows(torch.autograd.Function):
-    """The rows, with their gradient scattered into a feature-sized zero tensor."""
-
-    @staticmethod
-    def forward(ctx, feature: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.like = (feature.shape, feature.dtype, feature.device)
-        ctx.channels_last = feature.is_contiguous(memory_format=torch.channels_last)
-        return _rows(feature, index)
-
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor):
-        (index,) = ctx.saved_tensors
-        shape, dtype, device = ctx.like
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-        _scatter_add(grad, index, grad_rows)
-        return grad, None
 
 
 def _positions(feature: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,8 +120,6 @@ def _add_rows(grad: Tensor | None, *, index: Tensor, slot: dict) -> Tensor | Non
     if grad is None:  # autograd cannot turn a missing gradient into one: say so, never drop it
         raise RuntimeError("the projected pixels' gradient joins the feature's gradient from the "
                            "logits; a backward through the projection must include the logits")
-    if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
-        grad = grad.contiguous()  # e.g. the expanded gradient of a sum(): not writable
     # The feature's gradient buffer is a fresh tensor owned by autograd (the output of the
     # classifier's backward), so it is updated in place rather than copied.
     _scatter_add(grad, index, rows)
