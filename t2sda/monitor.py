@@ -179,14 +179,13 @@ class Monitor:
                             num_classes=self.data.num_classes, device=self.device, crop=crop,
                             stride=stride)["student"]
             out["select/source_miou"] = 100 * iou_from_confusion(conf)[1].item()
-        sums, self.target_sums = self.target_sums, None
-        if sums is None:  # no evaluation pass shared its logits: a pass of its own
+        if self.target_sums is None:  # no evaluation pass shared its logits: a pass of its own
             for image, _ in eval_loader(self.data.val, batch_size=batch, **world):
                 image = image.to(self.device)
                 self.observe({name: logits_of(model, image, num_classes=self.data.num_classes,
                                               crop=crop, stride=stride)
                               for name, model in (("student", student), ("teacher", teacher))})
-            sums, self.target_sums = self.target_sums, None
+        sums, self.target_sums = self.target_sums, None
         dist.all_reduce_sum(sums)
         out["select/agreement"] = (sums[0] / sums[1]).item()
         out["select/entropy"] = (sums[2] / sums[3]).item()
