@@ -64,7 +64,12 @@ def test_one_worker_reproduces_in_process_train(ray_cluster, tiny_cfg, tmp_path)
     from t2sda.train import train
 
     cfg = tiny_cfg.with_overrides(["train.threads=1"])
+    handler = signal.getsignal(signal.SIGINT)
     driver.fit(cfg, run_dir=tmp_path / "ray", workers=1, max_failures=0)
+    # Ray Train's Ctrl-C handler (which holds its controller) is gone again, and with it the
+    # controller: nothing of a finished run keeps running beside the next one.
+    assert signal.getsignal(signal.SIGINT) is handler
+    _wait_for_no_alive("TrainController")
     train(cfg, device="cpu", run_dir=tmp_path / "local")
     ray_rows, local_rows = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text()
                              .splitlines()] for d in ("ray", "local"))
@@ -205,3 +210,15 @@ def test_sigkill_of_a_worker_resumes_from_latest_checkpoint(ray_cluster, tmp_pat
     resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", out)]
     assert len(resumed) == 1 and resumed[0] >= killed_after - 5, out[-3000:]
     assert _steps(run) == list(range(5, 41, 5))  # one row per evaluation, none repeated
+
+
+def _wait_for_no_alive(class_name: str, timeout: float = 30.0) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, f"{len(alive)} {class_name} actor(s) still alive"

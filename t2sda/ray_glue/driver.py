@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -50,6 +52,10 @@ def connect(*, dashboard: bool = True) -> bool:
                               f"reachable ({_first_line(err)})") from None
         log.info("connected to the Ray cluster at %s", address)
         return False
+    # A cluster started here is this one machine, which no cloud reclaims: Ray Train's
+    # preemption watcher (one more actor per run, started before the workers begin) has
+    # nothing to watch. Workers inherit this environment; a user's own setting wins.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(include_dashboard=dashboard)
     return True
 
@@ -63,6 +69,8 @@ def _ray_start_address() -> str | None:
     except Exception:  # another Ray layout: only RAY_ADDRESS joins a cluster
         return None
 
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch for it
 
 # Set to 1 to declare a cluster fixed-size when Ray cannot say whether it autoscales.
 ASSUME_FIXED_ENV = "T2SDA_CLUSTER_FIXED"
@@ -175,10 +183,18 @@ def fit(cfg: Config, *, run_dir: Path, **options) -> dict:
 def fit_result(cfg: Config, *, run_dir: Path, **options) -> ray.train.Result:
     """:func:`fit`, returning Ray's Result (its ``checkpoint`` is the latest one)."""
     run = trainer(cfg, run_dir=run_dir, **options)
+    # In the main thread Ray Train installs a Ctrl-C handler that holds its controller actor;
+    # left in place it keeps that actor (and its helpers) alive after the run, e.g. a search's
+    # warm-up controller for the whole search. The previous handler comes back afterwards.
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return run.fit()
     except ray.train.TrainingFailedError as err:
         raise _explain(err) from None
+    finally:
+        if main_thread and handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def last_metrics(run_dir: Path) -> dict:
