@@ -41,7 +41,7 @@ def test_tune_resume_reuses_stored_settings_and_refuses_conflicts(tmp_path):
     tune_settings.resolve(args, tmp_path)
     assert args.scheduler == "none" and args.preset == "digits"  # what the search then uses
     # A conflicting flag is refused, naming it; Tune's restored settings never change.
-    with pytest.raises(ConfigError, match=r"train\.iters: 60 -> 1200"):
+    with pytest.raises(ConfigError, match=r"train\.iters: 60 -> 900"):  # the digits search's
         resolve("--resume", "--preset", "digits")
     with pytest.raises(ConfigError, match="scheduler: 'none' -> 'asha'"):
         resolve("--resume", "--scheduler", "asha", "--change-on-resume")
@@ -52,3 +52,15 @@ def test_tune_resume_reuses_stored_settings_and_refuses_conflicts(tmp_path):
     assert more["config"]["train"]["iters"] == 90 and more["config"]["train"]["eval_every"] == 20
     rows = [json.loads(x) for x in (tmp_path / settings.CHANGES).read_text().splitlines()]
     assert [r["changes"] for r in rows] == [{"config.train.iters": [60, 90]}]
+
+
+def test_a_digits_search_trains_its_shorter_trials_unless_told(tmp_path):
+    from t2sda.ray_glue import search, tune_settings
+
+    def iters(*flags):
+        args = search._parser().parse_args(["--space", "pull_loss", *flags])
+        return tune_settings.resolve(args, None)["config"]["train"]["iters"]
+
+    assert iters() == 900  # presets.SEARCH_OVERRIDES: 300 adaptation steps per trial
+    assert iters("--set", "train.iters=1200") == 1200  # the user's --set comes after
+    assert iters("--preset", "gta2cs_daformer") == 40000  # other presets: their own length

@@ -7,7 +7,7 @@ import pytest
 
 import tune_spaces
 from t2sda.config import ConfigError
-from t2sda.presets import get_preset
+from t2sda.presets import get_preset, search_preset
 from tune_spaces import _knobs
 
 SPACES = ["ema", "full", "pull_loss", "weighting"]
@@ -57,12 +57,27 @@ def test_conditional_parameters_are_drawn_only_when_they_act(name, trigger, depe
         assert (trial.params.get(trigger) in when) == (dependent in trial.params)
 
 
-def test_warmups_fit_the_digits_adaptation_window():
-    preset = get_preset("digits")
+@pytest.mark.parametrize("preset", [get_preset("digits"), search_preset("digits")])
+def test_warmups_fit_the_digits_adaptation_window(preset):
+    """The full digits run adapts for 600 steps, the default search's trials for 300: no
+    sampled weighting warm-up may outlast the adaptation a trial has."""
     window = preset.train.iters - preset.method.self_training_start
+    longest = set()
     for name in SPACES:
-        for trial in tune_spaces.draw(tune_spaces.load(name), DRAWS):
-            assert trial.params.get("method.weight_warmup", 0) < window
+        space = tune_spaces.load(name, adaptation_steps=window)
+        for trial in tune_spaces.draw(space, DRAWS):
+            warmup = trial.params.get("method.weight_warmup", 0)
+            assert warmup <= window
+            longest.add(warmup)
+    assert max(longest) == min(window, 500)  # the range still reaches its top
+
+
+def test_digits_search_trains_shorter_runs_unless_told():
+    full, short = get_preset("digits"), search_preset("digits")
+    assert (full.train.iters, short.train.iters) == (1200, 900)
+    assert short.with_overrides(["train.iters=900"]) == short
+    assert short.to_dict() == full.with_overrides(["train.iters=900"]).to_dict()
+    assert search_preset("gta2cs_daformer") == get_preset("gta2cs_daformer")
 
 
 def test_unknown_space_is_a_one_line_error_listing_the_spaces():

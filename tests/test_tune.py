@@ -242,3 +242,34 @@ def test_trial_status_and_config_fall_back_loudly(caplog):
     assert [r.getMessage().split(" (")[0].split(";")[0] for r in caplog.records] == [
         "trial b: not in the saved experiment state", "trial c: its parameters make no valid config"]
     assert "method.pull_weight=-1" in caplog.records[1].getMessage()
+
+
+def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path):
+    """The warm-up runs alone: on the local CPU cluster its worker gets the CPUs of all the
+    concurrent trials (Ray then gives it that many threads)."""
+    import argparse
+    import types
+
+    import tune_spaces
+    from t2sda.presets import get_preset
+    from t2sda.ray_glue import driver
+
+    calls = []
+
+    def fake_fit(cfg, *, run_dir, **options):
+        calls.append(options)
+        path = run_dir / "checkpoint_x"
+        path.mkdir(parents=True, exist_ok=True)
+        return types.SimpleNamespace(checkpoint=types.SimpleNamespace(path=str(path)))
+
+    monkeypatch.setattr(driver, "fit_result", fake_fit)
+    monkeypatch.setattr(driver, "last_metrics", lambda run_dir: {})
+    args = argparse.Namespace(workers_per_trial=1, gpu=False, cpus_per_worker=1.5, max_failures=0)
+    space = tune_spaces.load("pull_loss", adaptation_steps=600)
+    drawn = tune_spaces.draw(space, 20, seed=1)
+    for concurrent, root in ((2, tmp_path / "two"), (1, tmp_path / "one")):
+        cfg, warmup = search._shared_warmup(args, get_preset("digits"), drawn, root, None,
+                                            concurrent=concurrent)
+        assert warmup["checkpoint"] == str(root / "warmup" / "checkpoint_x")
+        assert calls[-1]["stop_at"] == 600 and calls[-1]["workers"] == 1
+    assert [c["cpus_per_worker"] for c in calls] == [3.0, 1.5]

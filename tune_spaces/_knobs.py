@@ -1,8 +1,9 @@
 """Groups of ``trial.suggest_*`` calls that several spaces share, so a knob has one range.
 
-Ranges are sized for the ``digits`` preset: 1200 steps, adaptation from step 600, so every
-warm-up below stays within the 600 adaptation steps and still leaves some after it. Names are
-dotted config keys, so a sampled dict is ``Config.with_overrides``-ready.
+Ranges are sized for the ``digits`` preset (adaptation from step 600); the ones counted in
+steps (teacher half-life, weighting warm-up) shrink to the adaptation steps a trial has, e.g.
+300 in the default digits search (trials of 900 steps). Names are dotted config keys, so a
+sampled dict is ``Config.with_overrides``-ready.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ MAX_HALF_LIFE_SHARE = 0.5
 WEIGHT_MOMENTA = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 PROTO_MOMENTA = (0.9, 0.95, 0.99, 0.995, 0.999)
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "step")
-MAX_WARMUP = 500  # steps; adaptation lasts 600 on digits, so a step schedule still switches
+MAX_WARMUP = 500  # steps; with 600 adaptation steps a step schedule still switches
+WARMUP_STEP = 50
 
 
 def pull(trial) -> None:
@@ -28,11 +30,20 @@ def pull(trial) -> None:
     trial.suggest_float("method.pull_weight", 0.01, 1.0, log=True)
 
 
-def schedule(trial) -> None:
+def max_warmup(adaptation_steps: int | None) -> int:
+    """The longest weighting warm-up searched: MAX_WARMUP, or at most the adaptation itself
+    (a warm-up as long as the adaptation blends to the end), at least one WARMUP_STEP."""
+    if adaptation_steps is None:
+        return MAX_WARMUP
+    return max(WARMUP_STEP, min(MAX_WARMUP, adaptation_steps // WARMUP_STEP * WARMUP_STEP))
+
+
+def schedule(trial, adaptation_steps: int | None = None) -> None:
     """How uniform weights blend into dynamic ones; constant has no warm-up to choose."""
     name = trial.suggest_categorical("method.weight_schedule", WEIGHT_SCHEDULES)
     if name != "constant":
-        trial.suggest_int("method.weight_warmup", 50, MAX_WARMUP, step=50)
+        trial.suggest_int("method.weight_warmup", WARMUP_STEP, max_warmup(adaptation_steps),
+                          step=WARMUP_STEP)
 
 
 def gamma(trial) -> None:
@@ -40,14 +51,14 @@ def gamma(trial) -> None:
     trial.suggest_float("method.weight_gamma", 0.25, 4.0, log=True)
 
 
-def weights(trial) -> None:
+def weights(trial, adaptation_steps: int | None = None) -> None:
     """The whole re-weighting: its score, then (unless uniform) exponent, EMA and schedule."""
     mode = trial.suggest_categorical("method.weight_mode", ("iou", "confidence", "uniform"))
     if mode == "uniform":  # uniform ignores every other weighting knob
         return
     gamma(trial)
     trial.suggest_categorical("method.weight_momentum", WEIGHT_MOMENTA)
-    schedule(trial)
+    schedule(trial, adaptation_steps)
 
 
 def half_life(momentum: float) -> float:

@@ -12,7 +12,7 @@ GRACE_PERIOD = 400
 def define(trial, adaptation_steps: int | None = None) -> None:
     """lr around the preset's 1e-3; FDA beta small, as small images want (docs/METHOD.md)."""
     _knobs.pull(trial)
-    _knobs.weights(trial)
+    _knobs.weights(trial, adaptation_steps)
     _knobs.teacher(trial, adaptation_steps)
     trial.suggest_float("optim.lr", 2e-4, 5e-3, log=True)
     trial.suggest_float("method.pseudo_threshold", 0.8, 0.99)

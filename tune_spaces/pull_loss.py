@@ -12,6 +12,6 @@ GRACE_PERIOD = 400
 def define(trial, adaptation_steps: int | None = None) -> None:
     """Weight mode stays the preset's (iou), so gamma always acts and is always sampled."""
     _knobs.pull(trial)
-    _knobs.schedule(trial)
+    _knobs.schedule(trial, adaptation_steps)
     _knobs.gamma(trial)
     _knobs.teacher(trial, adaptation_steps)

@@ -11,4 +11,4 @@ GRACE_PERIOD = 400
 
 def define(trial, adaptation_steps: int | None = None) -> None:
     """Uniform mode is one arm of the search: it shows whether weighting pays at all."""
-    _knobs.weights(trial)
+    _knobs.weights(trial, adaptation_steps)

@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
-from t2sda.presets import PRESETS, get_preset
+from t2sda.presets import PRESETS, get_preset, search_preset
 from t2sda.ray_glue import driver, shared_warmup, tune_settings
 from t2sda.ray_glue.storage import check_storage
 from t2sda.ray_glue.summary import summarize
@@ -167,7 +167,7 @@ def run(args) -> int:
     if args.list_spaces:
         print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
         return 0
-    get_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
+    search_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
     tune_spaces.load(args.space)
     name = args.name or f"{args.space}-{args.preset or 'digits'}"
     remote = "://" in args.storage and not args.storage.startswith("file://")
@@ -199,7 +199,8 @@ def run(args) -> int:
     drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
     warmup = None
     if args.shared_warmup:
-        base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None)
+        base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None,
+                                      concurrent=concurrent if started and not args.gpu else 1)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
                              storage=exp_path if remote else None,
@@ -236,13 +237,16 @@ def run(args) -> int:
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                       progress_reporter=_reporter(metric, drawn)),
         )
-    log.info("search %s on %s: %d trials, %d at a time, %d worker(s) each; TensorBoard: "
-             "tensorboard --logdir %s", space.name, args.preset, num_samples, concurrent,
-             args.workers_per_trial, exp_path)
+    full = get_preset(args.preset).train.iters
+    log.info("search %s on %s: %d trials of %d steps%s, %d at a time, %d worker(s) each; "
+             "TensorBoard: tensorboard --logdir %s", space.name, args.preset, num_samples,
+             base.train.iters, f" (the preset's full run: {full})" if full != base.train.iters
+             else "", concurrent, args.workers_per_trial, exp_path)
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
-    return summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples)
+    return summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples,
+                     full_iters=full)
 
 
 def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
@@ -259,10 +263,16 @@ def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
     return metric, space.mode
 
 
-def _shared_warmup(args, base: Config, drawn: list, log_root: Path,
-                   storage: str | None) -> tuple[Config, dict | None]:
+def _shared_warmup(args, base: Config, drawn: list, log_root: Path, storage: str | None, *,
+                   concurrent: int = 1) -> tuple[Config, dict | None]:
     """Train the source-only warm-up once (or find it done) when the space allows; returns the
-    trials' base config (with ``teacher_reset`` if the space needs it) and the warm-up."""
+    trials' base config (with ``teacher_reset`` if the space needs it) and the warm-up.
+
+    The warm-up runs alone, so on the local CPU-only cluster this search started (one node)
+    its workers take the CPUs that ``concurrent`` trials will share: Ray gives a worker as many
+    threads as CPUs, and the results do not depend on it. GPU workers keep one GPU each (more
+    workers would change the global batch), and on a cluster of several nodes a wider worker
+    might fit no node, so there ``concurrent`` is 1."""
     searched = {name for trial in drawn for name in trial.distributions}
     cfg, why = shared_warmup.plan(base, searched)
     if cfg is None:
@@ -273,8 +283,9 @@ def _shared_warmup(args, base: Config, drawn: list, log_root: Path,
     if found is None:
         log.info("shared warm-up: training steps 0-%d once for every trial (%s; "
                  "--no-shared-warmup turns this off)", start, why)
+        cpus = args.cpus_per_worker * concurrent
         result = driver.fit_result(cfg, run_dir=log_root / "warmup", workers=args.workers_per_trial,
-                                   use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                                   use_gpu=args.gpu, cpus_per_worker=cpus,
                                    max_failures=args.max_failures, storage=storage, stop_at=start)
         if result.checkpoint is None:
             raise driver.TrainingFailed(f"shared warm-up in {log_root / 'warmup'}: no checkpoint "

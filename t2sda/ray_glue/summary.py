@@ -18,9 +18,10 @@ log = logging.getLogger("t2sda")
 
 
 def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, exp_path: str,
-              searcher, num_samples: int) -> int:
+              searcher, num_samples: int, full_iters: int | None = None) -> int:
     """The end of a search: results.csv, best_config.json, selection, importances, hints;
-    exit code 0 when some trial reported a value."""
+    exit code 0 when some trial reported a value. ``full_iters``: the preset's own length,
+    named in the hints when the trials trained a shorter run."""
     rows = []
     # Tune's saved status per trial: after a Ctrl-C the live grid calls unfinished trials
     # terminated, the saved experiment state knows they were still running.
@@ -56,6 +57,9 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
     print(f"results: {out_dir}/results.csv, best_config.json, summary.png, selection.json\n"
           f"train the best: python -m t2sda train --config {out_dir}/best_config.json\n"
           f"TensorBoard:    tensorboard --logdir {exp_path}")
+    if full_iters and full_iters > base.train.iters:
+        print(f"the trials trained {base.train.iters} steps, the preset {full_iters}: its full "
+              f"run is the command above plus --set train.iters={full_iters}")
     unfinished = len(rows) < num_samples or any(r.status not in ("TERMINATED", "ERROR") for r in rows)
     if unfinished:
         print(f"the search stopped before its {num_samples} trials ended; continue it with the "

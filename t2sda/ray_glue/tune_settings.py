@@ -12,7 +12,7 @@ from pathlib import Path
 
 from t2sda import settings
 from t2sda.config import Config, ConfigError
-from t2sda.presets import get_preset
+from t2sda.presets import search_preset
 
 FILE = "settings.json"
 # Flag -> default for a new search; on --resume an absent flag (None) keeps the stored value.
@@ -32,7 +32,7 @@ def resolve(args, exp_dir: Path | None) -> dict:
         old = json.loads(stored_file.read_text())
         given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
         new = {**old, **given}
-        base = get_preset(args.preset) if args.preset else Config.from_dict(old["config"])
+        base = search_preset(args.preset) if args.preset else Config.from_dict(old["config"])
         new["config"] = base.with_overrides(args.set).to_dict()
         fixed = {k: v for k, v in old.items() if k != "config"}
         settings.reconcile(fixed, {k: v for k, v in new.items() if k != "config"}, change=False,
@@ -42,7 +42,7 @@ def resolve(args, exp_dir: Path | None) -> dict:
     else:
         chosen = {k: default if getattr(args, k) is None else getattr(args, k)
                   for k, default in FLAGS.items()}
-        chosen["config"] = get_preset(chosen["preset"]).with_overrides(args.set).to_dict()
+        chosen["config"] = search_preset(chosen["preset"]).with_overrides(args.set).to_dict()
     for key in FLAGS:
         setattr(args, key, chosen[key])
     return chosen
