@@ -102,6 +102,21 @@ def test_summary_panels_scale_each_parameter_by_its_kind(rows):
     assert [t.get_text() for t in schedule.get_xticklabels()] == ["constant", "cosine", "linear", "step"]
 
 
+def test_log_axis_labels_do_not_overprint():
+    """0.015-0.78 has one decade tick in view, where matplotlib would label every minor tick
+    (eight labels across one panel): 1-2-5 steps instead, no minor labels."""
+    rows = [_row(f"t{i}", "TERMINATED", 40.0 + i, 900, method__pull_weight=w)
+            for i, w in enumerate((0.015, 0.1, 0.27, 0.6, 0.78))]
+    fig = report._summary_figure(rows, rows[0], METRIC)
+    fig.canvas.draw()
+    ax = next(ax for ax in fig.axes if ax.get_visible())
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.xaxis.get_majorticklabels()
+             if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert shown == ["0.02", "0.05", "0.1", "0.2", "0.5"]
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())
+
+
 def test_no_value_anywhere_writes_the_csv_and_says_so(tmp_path):
     rows = [
         _row("a", "ERROR", None, 10, method__pull_weight=0.5),

@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 LOG_SPAN = 10**1.5  # a numeric parameter spanning more than 1.5 decades gets a log x-axis
 
@@ -236,6 +237,12 @@ def _panel(ax, rows: list[TrialRow], best: TrialRow, name: str, metric: str) -> 
         xs = raw
         if xs and min(xs) > 0 and max(xs) / min(xs) > LOG_SPAN:
             ax.set_xscale("log")
+            # matplotlib labels every minor tick (2x10^-2, 3x10^-2 ...) when one decade tick
+            # is in view, and they overprint: label 1-2-5 steps on short spans, decades on long.
+            short = math.log10(max(xs) / min(xs)) <= 2.5
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if short else (1.0,)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     points = list(zip(drawn, xs))
     fine = [(x, r.value) for r, x in points if r.status != "ERROR"]
     ax.scatter([x for x, _ in fine], [v for _, v in fine], color="tab:blue", alpha=0.8)
