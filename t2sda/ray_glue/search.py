@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-spaces", action="store_true", help="describe every space and exit")
     p.add_argument("--preset", help=f"base config: {', '.join(PRESETS)} (default digits)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override base config keys (the space's parameters are sampled on top)")
+                   help="override base config keys (the space's parameters are sampled on top); "
+                        "the base is the preset with its search overrides, e.g. digits trials "
+                        "train 900 steps: --set train.iters=1200 for its full run")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's budget)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the "
                    "cluster fits: GPUs, or CPUs, // (workers-per-trial x per-worker need))")
