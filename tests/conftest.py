@@ -39,18 +39,32 @@ def free_port() -> int:
 
 def _gloo_worker(rank: int, world: int, port: int, fn, out: str, args: tuple) -> None:
     import os
+    import time
+    from pathlib import Path
 
     import torch.distributed as tdist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
+    done = [Path(f"{out}.rank{r}-done") for r in range(world)]
     try:
         result = fn(rank, *args)
         if rank == 0:
             torch.save(result, out)
+        tdist.barrier()
     finally:
-        tdist.destroy_process_group()
+        # Rank 0 hosts the group's TCP store: if it exits while another rank is still tearing
+        # down, that rank's gloo may abort ("terminate called without an active exception",
+        # SIGABRT; seen once in CI). So the other ranks finish first and rank 0 waits for them.
+        if rank != 0:
+            tdist.destroy_process_group()
+            done[rank].touch()
+        else:
+            deadline = time.monotonic() + 60
+            while not all(d.exists() for d in done[1:]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            tdist.destroy_process_group()
 
 
 def spawn_gloo(fn, out: str, *args, world: int = 2):
