@@ -273,3 +273,18 @@ def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path):
         assert warmup["checkpoint"] == str(root / "warmup" / "checkpoint_x")
         assert calls[-1]["stop_at"] == 600 and calls[-1]["workers"] == 1
     assert [c["cpus_per_worker"] for c in calls] == [3.0, 1.5]
+
+
+def test_list_spaces_shows_the_ranges_a_search_of_the_preset_uses(capsys):
+    assert search.main(["--list-spaces"]) == 0
+    short = capsys.readouterr().out
+    assert short.startswith("as searched on --preset digits: trials of 900 steps, 300 of them "
+                            "adapting\n")
+    assert "method.weight_warmup         int 50..300 (step 50)" in short
+    assert "ASHA first rung at step 800" in short
+    assert search.main(["--list-spaces", "--set", "train.iters=1200"]) == 0
+    full = capsys.readouterr().out
+    assert "trials of 1200 steps, 600 of them adapting" in full
+    assert "method.weight_warmup         int 50..500 (step 50)" in full
+    assert search.main(["--list-spaces", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err

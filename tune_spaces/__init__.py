@@ -81,13 +81,16 @@ def sample(space: Space, seed: int) -> dict:
     return dict(draw(space, 1, seed=seed)[0].params)
 
 
-def describe(space: Space, *, draws: int = 200) -> str:
-    """The parameters and their ranges, read off sampled trials so it cannot drift from define()."""
+def describe(space: Space, *, draws: int = 200, first_rung: int | None = None) -> str:
+    """The parameters and their ranges, read off sampled trials so it cannot drift from define();
+    ``first_rung``: the step of ASHA's first rung on the preset (else the space's grace)."""
     trials = draw(space, draws)
+    asha = (f"ASHA first rung at step {first_rung}" if first_rung is not None
+            else f"ASHA grace {space.grace_period} steps")
     lines = [
         f"{space.name}: {space.description}",
         f"  {space.metric} ({space.mode}), {space.num_samples} trials, "
-        f"ASHA grace {space.grace_period} steps, reduction {space.reduction_factor}",
+        f"{asha}, reduction {space.reduction_factor}",
     ]
     for name in _define_order(trials):
         dist = next(trial.distributions[name] for trial in trials if name in trial.params)

@@ -167,7 +167,7 @@ def _alive_nodes() -> int:
 def run(args) -> int:
     _check_args(args)
     if args.list_spaces:
-        print("\n\n".join(tune_spaces.describe(tune_spaces.load(n)) for n in tune_spaces.available()))
+        print(_list_spaces(args))
         return 0
     search_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
     tune_spaces.load(args.space)
@@ -249,6 +249,22 @@ def run(args) -> int:
     grid = tuner.fit()
     return summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples,
                      full_iters=full)
+
+
+def _list_spaces(args) -> str:
+    """Every space as a search of ``--preset`` (with ``--set``) would run it: the ranges that
+    depend on the trial's length cut to it, and ASHA's first rung where it would be."""
+    preset = args.preset or "digits"
+    base = search_preset(preset).with_overrides(args.set)
+    steps = _adaptation_steps(base)
+    head = (f"as searched on --preset {preset}: trials of {base.train.iters} steps"
+            + (f", {steps} of them adapting" if steps else ""))
+    spaces = []
+    for name in tune_spaces.available():
+        space = tune_spaces.load(name, adaptation_steps=steps)
+        rung = _grace(argparse.Namespace(grace_period=args.grace_period), space, base)
+        spaces.append(tune_spaces.describe(space, first_rung=rung))
+    return head + "\n\n" + "\n\n".join(spaces)
 
 
 def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
