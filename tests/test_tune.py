@@ -267,12 +267,14 @@ def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path):
     args = argparse.Namespace(workers_per_trial=1, gpu=False, cpus_per_worker=1.5, max_failures=0)
     space = tune_spaces.load("pull_loss", adaptation_steps=600)
     drawn = tune_spaces.draw(space, 20, seed=1)
-    for concurrent, root in ((2, tmp_path / "two"), (1, tmp_path / "one")):
+    cases = ((2, True, tmp_path / "two"), (1, True, tmp_path / "one"),
+             (2, False, tmp_path / "joined"))  # a cluster it joined: nodes may be smaller
+    for concurrent, local, root in cases:
         cfg, warmup = search._shared_warmup(args, get_preset("digits"), drawn, root, None,
-                                            concurrent=concurrent)
+                                            concurrent=concurrent, local=local)
         assert warmup["checkpoint"] == str(root / "warmup" / "checkpoint_x")
         assert calls[-1]["stop_at"] == 600 and calls[-1]["workers"] == 1
-    assert [c["cpus_per_worker"] for c in calls] == [3.0, 1.5]
+    assert [c["cpus_per_worker"] for c in calls] == [3.0, 1.5, 1.5]
 
 
 def test_list_spaces_shows_the_ranges_a_search_of_the_preset_uses(capsys):

@@ -202,7 +202,7 @@ def run(args) -> int:
     warmup = None
     if args.shared_warmup:
         base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None,
-                                      concurrent=concurrent if started and not args.gpu else 1)
+                                      concurrent=concurrent, local=started)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
                              storage=exp_path if remote else None,
@@ -262,7 +262,7 @@ def _list_spaces(args) -> str:
     spaces = []
     for name in tune_spaces.available():
         space = tune_spaces.load(name, adaptation_steps=steps)
-        rung = _grace(argparse.Namespace(grace_period=args.grace_period), space, base)
+        rung = _grace(args, space, base)
         spaces.append(tune_spaces.describe(space, first_rung=rung))
     return head + "\n\n" + "\n\n".join(spaces)
 
@@ -282,16 +282,16 @@ def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
 
 
 def _shared_warmup(args, base: Config, drawn: list, log_root: Path, storage: str | None, *,
-                   concurrent: int = 1) -> tuple[Config, dict | None]:
+                   concurrent: int = 1, local: bool = False) -> tuple[Config, dict | None]:
     """Train the source-only warm-up once (or find it done) when the space allows; returns the
     trials' base config (with ``teacher_reset`` if the space needs it) and the warm-up.
 
-    The warm-up runs alone, so on the local CPU-only cluster this search started (one node)
-    its workers take the CPUs that ``concurrent`` trials will share: Ray gives a worker as many
+    The warm-up runs alone, so on a ``local`` CPU-only cluster (one node, started by this
+    search) its workers take the CPUs that ``concurrent`` trials will share: Ray gives a worker as many
     threads as CPUs (unless train.threads is set), which changes results by float rounding
     only (step 600 of digits: 33.77 against 33.84 mIoU on one thread). GPU workers keep one
     GPU each (more workers would change the global batch), and on a cluster of several nodes
-    a wider worker might fit no node, so there ``concurrent`` is 1."""
+    a wider worker might fit no node, so there it takes one trial's."""
     searched = {name for trial in drawn for name in trial.distributions}
     cfg, why = shared_warmup.plan(base, searched)
     if cfg is None:
@@ -302,7 +302,7 @@ def _shared_warmup(args, base: Config, drawn: list, log_root: Path, storage: str
     if found is None:
         log.info("shared warm-up: training steps 0-%d once for every trial (%s; "
                  "--no-shared-warmup turns this off)", start, why)
-        cpus = args.cpus_per_worker * concurrent
+        cpus = args.cpus_per_worker * (concurrent if local and not args.gpu else 1)
         result = driver.fit_result(cfg, run_dir=log_root / "warmup", workers=args.workers_per_trial,
                                    use_gpu=args.gpu, cpus_per_worker=cpus,
                                    max_failures=args.max_failures, storage=storage, stop_at=start)
