@@ -291,7 +291,11 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    seed: int = 0
+    seed: int = 0  # everything: initialisation, the digits scenes, data order, sampling
+    # Only what happens from method.self_training_start on (0 with no self-training): the data
+    # order and the per-step randomness (mixing, sampled pixels, augmentation) of adaptation.
+    # 0 = the run's seed throughout. Replicates that share one warm-up differ only in this.
+    adapt_seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -300,6 +304,7 @@ class Config:
 
     def __post_init__(self):
         _non_negative("seed", self.seed)
+        _non_negative("adapt_seed", self.adapt_seed)
         _check(self.method.fd_weight == 0 or self.model.pretrained != "", "method.fd_weight",
                self.method.fd_weight, "the feature distance is to the pretrained backbone: "
                "set model.pretrained (timm or a checkpoint path) or method.fd_weight=0")

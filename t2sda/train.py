@@ -59,6 +59,22 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
+ADAPT_SEED_STRIDE = 100_003  # adapt_seed k moves the seeds of adaptation by k strides
+
+
+def adaptation_start(cfg: Config) -> int:
+    """The first step that ``adapt_seed`` acts on: the end of the source-only warm-up."""
+    return cfg.method.self_training_start if cfg.method.self_training else 0
+
+
+def _seed_at(cfg: Config, seed: int, step: int) -> int:
+    """``seed`` as used at ``step``: moved by ``adapt_seed`` from the adaptation's start on,
+    so replicates with another adapt_seed share every step before it (the shared warm-up)."""
+    if cfg.adapt_seed and step >= adaptation_start(cfg):
+        return seed + ADAPT_SEED_STRIDE * cfg.adapt_seed
+    return seed
+
+
 def _truncate_metrics(path: Path, after_step: int) -> None:
     """Drop evaluations past ``after_step`` (a resumed run will redo them), atomically."""
     if not path.exists():
@@ -179,15 +195,19 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
         _truncate_metrics(run_dir / "metrics.jsonl", start)
         logger = TBLogger(run_dir, purge_step=start if start else None)
 
-    streams = [batch_stream(dataset, batch_size=cfg.data.batch_size, seed=cfg.seed * 2 + i, rank=rank,
-                            world_size=world, start_step=start, num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda")
-               for i, dataset in enumerate((data.source, data.target))]
+    def streams_at(step: int) -> list:
+        """Source and target batch streams positioned at ``step``."""
+        return [batch_stream(dataset, batch_size=cfg.data.batch_size,
+                             seed=_seed_at(cfg, cfg.seed * 2 + i, step), rank=rank, world_size=world,
+                             start_step=step, num_workers=cfg.data.num_workers,
+                             pin_memory=device.type == "cuda")
+                for i, dataset in enumerate((data.source, data.target))]
+
     monitor = Monitor(data, cfg, device) if cfg.train.diagnostics or cfg.train.validators else None
     state.student.train()
     try:
         # A resumed run that is already complete returns the metrics its checkpoint holds.
-        return _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor,
+        return _loop(state, streams_at, data, cfg, device, run_dir, logger, report, monitor,
                      metrics=dict(payload["metrics"]) if payload is not None else {},
                      ckpt_root=Path(checkpoint_root or run_dir / "checkpoints"),
                      stop=min(cfg.train.iters, cfg.train.iters if stop_at is None else stop_at))
@@ -195,9 +215,13 @@ def train(cfg: Config, *, device: torch.device | str, run_dir: str | Path,
         logger.close()
 
 
-def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *, metrics: dict,
+def _loop(state, streams_at, data, cfg, device, run_dir, logger, report, monitor, *, metrics: dict,
           ckpt_root: Path, stop: int) -> dict:
-    """Steps until ``stop`` (<= ``cfg.train.iters``); returns the last evaluation's metrics."""
+    """Steps until ``stop`` (<= ``cfg.train.iters``); returns the last evaluation's metrics.
+    ``streams_at(step)``: the batch streams from ``step`` on (new ones where adapt_seed
+    changes their seed)."""
+    streams = streams_at(state.step)
+    reseed_at = adaptation_start(cfg) if cfg.adapt_seed and state.step < adaptation_start(cfg) else None
     rank, world, main, b = dist.rank(), dist.world_size(), dist.is_main(), cfg.data.batch_size
     metrics_path = run_dir / "metrics.jsonl"
     # Throughput counts only data + step time: evaluation and checkpoints stay out of it.
@@ -205,6 +229,8 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
     total_time, total_steps = 0.0, 0  # since this (re)start, for the reported perf/ metrics
     while state.step < stop:
         tic = time.perf_counter()
+        if state.step == reseed_at:
+            streams = streams_at(state.step)
         (src_img, src_label), (tgt_img, _) = (next(s) for s in streams)
         src_img, src_label, tgt_img = (x.to(device, non_blocking=True)
                                        for x in (src_img, src_label, tgt_img))
@@ -212,7 +238,7 @@ def _loop(state, streams, data, cfg, device, run_dir, logger, report, monitor, *
             if main:
                 (run_dir / ".failed_once").touch()
             raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
-        torch.manual_seed(_step_seed(cfg.seed, rank, state.step))
+        torch.manual_seed(_step_seed(_seed_at(cfg, cfg.seed, state.step), rank, state.step))
         logs = train_step(state, src_img, src_label, tgt_img, cfg)
         step = state.step  # steps done
         elapsed = time.perf_counter() - tic

@@ -42,6 +42,9 @@ def test_fits_only_trials_that_differ_after_adaptation():
                                                          "method.ema_momentum=0.995"]))
     assert not shared_warmup.fits(warm, warm.with_overrides(["optim.lr=0.01"]))
     assert not shared_warmup.fits(warm, warm.with_overrides(["method.weight_momentum=0.5"]))
+    # replicates: the adaptation's seed fits the warm-up, the full seed does not
+    assert shared_warmup.fits(warm, warm.with_overrides({"adapt_seed": 2}))
+    assert not shared_warmup.fits(warm, warm.with_overrides({"seed": 1}))
     # no projection head in the trial: the warm-up's state does not fit its modules
     assert not shared_warmup.fits(warm, warm.with_overrides(["method.pull_weight=0"]))
     plain = get_preset("digits")  # without teacher_reset the momentum acts in the warm-up

@@ -165,3 +165,37 @@ def test_adamw_uses_fused_on_cuda_foreach_on_cpu_and_matches_the_loop(tiny_cfg):
     for p, q, p0 in zip(params, twins, start, strict=True):
         assert not torch.allclose(p, p0)  # the step did move the parameters
         torch.testing.assert_close(p, q)
+
+
+def _student(run_dir, step):
+    return checkpoint.load(run_dir / "checkpoints" / f"step_{step:07d}")["state"]["student"]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapt_seed_changes_only_the_adaptation_and_resumes_from_a_shared_warmup(tiny_cfg, tmp_path):
+    """adapt_seed: identical up to method.self_training_start, different after; a replicate
+    started from the adapt_seed=0 run's checkpoint at that step (a search's shared warm-up)
+    equals the one trained from scratch, and resumes exactly after a failure."""
+    base = tiny_cfg.with_overrides(["method.self_training_start=3"])
+    other = base.with_overrides({"adapt_seed": 1})
+    train(base, device="cpu", run_dir=tmp_path / "a")
+    full = train(other, device="cpu", run_dir=tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["adapt_seed"] == 1
+    assert _same(_student(tmp_path / "a", 3), _student(tmp_path / "b", 3))
+    assert not _same(_student(tmp_path / "a", 6), _student(tmp_path / "b", 6))
+
+    warmup = tmp_path / "a" / "checkpoints" / "step_0000003"
+    from_warmup = train(other, device="cpu", run_dir=tmp_path / "c", resume=warmup)
+    assert from_warmup["val/mIoU"] == full["val/mIoU"]
+    assert _same(_student(tmp_path / "b", 6), _student(tmp_path / "c", 6))
+
+    failing = other.with_overrides(["train.fail_at_step=5", "train.checkpoint_every=1"])
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(failing, device="cpu", run_dir=tmp_path / "d", resume=warmup)
+    last = checkpoint.latest(tmp_path / "d" / "checkpoints")
+    assert last.name == "step_0000005"
+    train(failing, device="cpu", run_dir=tmp_path / "d", resume=last)
+    assert _same(_student(tmp_path / "b", 6), _student(tmp_path / "d", 6))

@@ -26,7 +26,7 @@ AFTER_ADAPTATION = frozenset(f"method.{key}" for key in (
     "pull_target_threshold", "pull_keys", "pull_key_net", "proto_momentum", "negatives",
     "negative_sampling", "num_queries", "num_negatives", "query_aug", "weight_gamma",
     "weight_schedule", "weight_warmup",
-))
+)) | {"adapt_seed"}  # the seed of adaptation alone (replicates of a search share the warm-up)
 # The teacher tracks the student during the warm-up; with method.teacher_reset it is copied
 # from the student when adaptation starts, and its momentum acts only after.
 TEACHER_KEY = "method.ema_momentum"
