@@ -83,6 +83,7 @@ def run_search(method: str, seed: int, args) -> dict:
     cmd = [sys.executable, "tune.py", "--space", args.space, "--preset", args.preset,
            "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent),
            "--seed", str(seed), "--storage", str(args.out / "runs"), "--name", name,
+           "--confirm", "0",  # searches compared as searches: no confirmation runs in the timings
            *(["--grace-period", str(args.grace_period)] if args.grace_period else []),
            *METHODS[method],
            "--set", *DEFAULT_SET, *args.set]

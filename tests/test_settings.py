@@ -52,6 +52,13 @@ def test_tune_resume_reuses_stored_settings_and_refuses_conflicts(tmp_path):
     assert more["config"]["train"]["iters"] == 90 and more["config"]["train"]["eval_every"] == 20
     rows = [json.loads(x) for x in (tmp_path / settings.CHANGES).read_text().splitlines()]
     assert [r["changes"] for r in rows] == [{"config.train.iters": [60, 90]}]
+    # The confirmation runs after the search from its results: it may change on resume, and
+    # a search saved before it existed resumes with its defaults.
+    assert first["confirm"] == 1 and first["confirm_seeds"] == 3
+    assert resolve("--resume", "--confirm", "2", "--confirm-seeds", "4")["confirm_seeds"] == 4
+    old = {k: v for k, v in first.items() if not k.startswith("confirm")}
+    tune_settings.save(tmp_path, old)
+    assert resolve("--resume")["confirm_set"] == []
 
 
 def test_a_digits_search_trains_its_shorter_trials_unless_told(tmp_path):

@@ -39,8 +39,8 @@ def test_search_end_to_end(ray_cluster, tmp_path, capsys):
     # (target mIoU) runs in the interrupted-search test below.
     code = search.main(["--space", "pull_loss", "--storage", str(tmp_path), "--name", "e2e",
                         "--metric", "entropy", "--num-samples", "3", "--max-concurrent", "1",
-                        "--grace-period", "4", "--reduction-factor", "2", "--set", *TINY_SEARCH,
-                        "train.iters=12"])
+                        "--grace-period", "4", "--reduction-factor", "2", "--confirm", "1",
+                        "--confirm-seeds", "2", "--set", *TINY_SEARCH, "train.iters=12"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     exp = tmp_path / "e2e"
@@ -53,6 +53,12 @@ def test_search_end_to_end(ray_cluster, tmp_path, capsys):
                for r in rows)
     steps = sorted(int(r["steps"]) for r in rows)
     assert steps[0] < 12 and steps[-1] == 12  # ASHA stopped at least one trial early
+    # ... but never the preset's own point: the reference of the verdict runs to the end.
+    assert all(r["steps"] == "12" for r in rows if r["method.pull_temperature"] == "0.2"
+               and r["method.pull_weight"] == "0.1")
+    rung_report = json.loads((exp / "rungs.json").read_text())
+    assert [r["rung"] for r in rung_report["rungs"]] == [4, 8]
+    assert "ASHA rungs against the end" in out
     # Optuna's state is saved with the experiment (and holds every trial).
     state = next(exp.glob("searcher-state-*.pkl"))
     study = pickle.loads(state.read_bytes())["_ot_study"]
@@ -83,6 +89,21 @@ def test_search_end_to_end(ray_cluster, tmp_path, capsys):
     assert float(next(r for r in rows if r["trial_id"] == best["trial_id"])["target_miou"]) == \
         pytest.approx(saved["entropy"]["picked_target_miou"])
     assert "model selection" in out
+    # Confirmation: the default and the best other trial, 2 paired adaptation seeds each (the
+    # search's own full-length runs count as seed 0), judged by the search's metric (entropy).
+    confirmed = json.loads((exp / "confirm.json").read_text())
+    assert confirmed["metric"] == "select/best_entropy" and confirmed["seed_kind"] == "adaptation"
+    assert set(confirmed["configs"]) == {"default", "#1"}
+    assert all(c["n"] == 2 for c in confirmed["configs"].values())
+    trained = [r for r in confirmed["replicates"] if r["from"] == "confirm"]
+    assert trained and all(r["seed"] in (0, 1) for r in trained)
+    for r in trained:  # a replicate from the shared warm-up: its first evaluation is step 4
+        cfg_file = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert cfg_file["adapt_seed"] == r["seed"]
+    assert (exp / "confirm.png").read_bytes()[:4] == b"\x89PNG"
+    assert "target_miou" in confirmed  # ranked label-free: target mIoU reported beside it
+    assert out.rstrip().splitlines()[-1] == confirmed["verdict"]
+    assert "confirmed" in json.loads((exp / "best_config.json").read_text())
     # best_config.json trains with the winning parameters.
     cfg = Config.load(exp / "best_config.json").with_overrides(["train.iters=2"])
     assert cfg.method.pull_temperature == best["params"]["method.pull_temperature"]
@@ -95,7 +116,7 @@ def test_search_end_to_end(ray_cluster, tmp_path, capsys):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     args = [sys.executable, "tune.py", "--space", "pull_loss", "--storage", str(tmp_path),
             "--name", "resume", "--num-samples", "2", "--max-concurrent", "1", "--scheduler",
-            "none", "--set", *TINY_SEARCH, "train.iters=16", "train.eval_every=4",
+            "none", "--confirm", "0", "--set", *TINY_SEARCH, "train.iters=16", "train.eval_every=4",
             "train.checkpoint_every=4"]
     exp = tmp_path / "resume"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

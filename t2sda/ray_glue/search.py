@@ -21,8 +21,7 @@ from pathlib import Path
 import optuna
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -30,9 +29,11 @@ import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset, search_preset
-from t2sda.ray_glue import driver, shared_warmup, tune_settings
+from t2sda.ray_glue import confirm, driver, shared_warmup, tune_settings
+from t2sda.ray_glue.rungs import milestones
 from t2sda.ray_glue.storage import check_storage
 from t2sda.ray_glue.summary import summarize
+from t2sda.ray_glue.trial import run_trial
 from t2sda.settings import flatten
 
 log = logging.getLogger("t2sda")
@@ -80,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(validators.LABEL_FREE))
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per trial from its latest checkpoint")
+    p.add_argument("--confirm", type=int, metavar="K", help="after the search, train the top K "
+                   "configs and the preset's own point again with the same seeds and say whether "
+                   "each beats the default beyond seed noise (default 1; 0: off)")
+    p.add_argument("--confirm-seeds", type=int, metavar="N", help="seeds per confirmed config, "
+                   "the search's own run counting as one where it trained alike (default 3)")
+    p.add_argument("--confirm-seed-kind", choices=("auto", "adaptation", "full"),
+                   help="adaptation: replicates share the warm-up and differ in adapt_seed; full: "
+                   "in seed (init, warm-up, data); auto: adaptation with a shared warm-up")
+    p.add_argument("--confirm-set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="confirm at another setting than the trials', e.g. train.iters=1200")
     p.add_argument("--no-shared-warmup", dest="shared_warmup", action="store_false",
                    help="train every trial's source-only warm-up itself (default: train it once "
                    "and start every trial that fits from it)")
@@ -104,29 +115,11 @@ def _check_args(args) -> None:
                          f"{', '.join(validators.DIRECTIONS)})")
     if args.reduction_factor is not None and args.reduction_factor < 2:
         raise UsageError(f"--reduction-factor {args.reduction_factor}: must be >= 2")
-
-
-def _trial(params: dict, *, base: dict, exp_path: str, storage: str, workers: int,
-           use_gpu: bool, cpus_per_worker: float, max_failures: int,
-           warmup: dict | None = None) -> None:
-    """One trial: the base config plus the sampled parameters, trained by Ray Train; from the
-    shared warm-up's checkpoint (``warmup``: its config and checkpoint) when the trial fits it.
-
-    A bad sampled value or a failed run raises: Tune records the trial as errored and the
-    search goes on.
-    """
-    cfg = Config.from_dict(base).with_overrides(params)
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(exp_path) / f"train-{trial_id}"
-    init_from = None
-    if warmup is not None and shared_warmup.fits(Config.from_dict(warmup["config"]), cfg):
-        init_from = warmup["checkpoint"]
-    driver.fit(cfg, run_dir=run_dir, workers=workers, use_gpu=use_gpu, init_from=init_from,
-               cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-               callbacks=[TuneReportCallback()], storage=storage,
-               # Up to 10 more minutes for workers: another job on the cluster, or a stopped
-               # trial whose placement group Ray has not yet released, may hold them.
-               placement_retries=10)
+    if args.confirm is not None and args.confirm < 0:
+        raise UsageError(f"--confirm {args.confirm}: must be >= 0 (0: no confirmation)")
+    if args.confirm_seeds is not None and args.confirm_seeds < 2:
+        raise UsageError(f"--confirm-seeds {args.confirm_seeds}: a verdict needs at least 2 "
+                         "seeds per config (a spread to compare against)")
 
 
 def _defaults(space, base: Config, drawn: list) -> dict:
@@ -170,6 +163,7 @@ def run(args) -> int:
         print(_list_spaces(args))
         return 0
     search_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
+    search_preset(args.preset or "digits").with_overrides(args.confirm_set or [])
     tune_spaces.load(args.space)
     name = args.name or f"{args.space}-{args.preset or 'digits'}"
     remote = "://" in args.storage and not args.storage.startswith("file://")
@@ -203,12 +197,12 @@ def run(args) -> int:
     if args.shared_warmup:
         base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None,
                                       concurrent=concurrent, local=started)
+    options = dict(workers=args.workers_per_trial, use_gpu=args.gpu, warmup=warmup,
+                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    reference = _defaults(space, base, drawn)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base.to_dict(), exp_path=str(log_root),
-                             storage=exp_path if remote else None,
-                             workers=args.workers_per_trial, use_gpu=args.gpu,
-                             cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-                             warmup=warmup),
+        tune.with_parameters(run_trial, base=base.to_dict(), exp_path=str(log_root),
+                             storage=exp_path if remote else None, **options),
         # The driver only waits on its TorchTrainer: it takes no CPU (a CPU share, however
         # small, would leave a full CPU short for the last trial's worker), just a token of
         # memory (Tune wants some resource). Tune does not count the Train workers.
@@ -221,13 +215,14 @@ def run(args) -> int:
     else:
         searcher = OptunaSearch(space=space.define, metric=metric, mode=mode,
                                 sampler=_sampler(args.sampler, args.seed, num_samples),
-                                points_to_evaluate=[_defaults(space, base, drawn)])
+                                points_to_evaluate=[reference])
         # max_t one past the end: a trial that reaches train.iters ends by itself, so its
         # TorchTrainer shuts down cleanly (a STOP at the last report kills it mid-shutdown and
         # its workers' resources may linger until Ray notices).
-        scheduler = (ASHAScheduler(time_attr="step", max_t=base.train.iters + 1,
-                                   grace_period=_grace(args, space, base),
-                                   reduction_factor=args.reduction_factor or space.reduction_factor)
+        # The preset's own point always runs to the end: it is the reference of the verdict.
+        scheduler = (confirm.ReferenceASHA(reference=reference, time_attr="step",
+                                           max_t=base.train.iters + 1, grace_period=_grace(args, space, base),
+                                           reduction_factor=_rf(args, space))
                      if args.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
@@ -247,8 +242,23 @@ def run(args) -> int:
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
-    return summarize(grid, space, metric, mode, base, log_root, exp_path, searcher, num_samples,
-                     full_iters=full)
+    rungs = (milestones(_grace(args, space, base), _rf(args, space), base.train.iters + 1)
+             if args.scheduler == "asha" else None)
+    code, rows = summarize(grid, space, metric, mode, base, log_root, exp_path, searcher,
+                           num_samples, full_iters=full, rungs=rungs)
+    if code == 0 and args.confirm:
+        confirm.after_search(args, rows, reference=reference, base=base, metric=metric, mode=mode,
+                             exp_path=exp_path, log_root=log_root, remote=remote,
+                             concurrent=concurrent, options=options,
+                             warmup_for=lambda cfg: _shared_warmup(
+                                 args, cfg, drawn, log_root / "confirm",
+                                 f"{exp_path}/confirm" if remote else None,
+                                 concurrent=concurrent, local=started))
+    return code
+
+
+def _rf(args, space) -> int:
+    return args.reduction_factor or space.reduction_factor
 
 
 def _list_spaces(args) -> str:

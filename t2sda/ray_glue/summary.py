@@ -13,16 +13,19 @@ from ray.tune.search.optuna import OptunaSearch
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.ray_glue import report, selection
+from t2sda.ray_glue.rungs import write_rungs
 
 log = logging.getLogger("t2sda")
 
 
 def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, exp_path: str,
-              searcher, num_samples: int, full_iters: int | None = None) -> int:
-    """The end of a search: results.csv, best_config.json, selection, importances, hints;
-    exit code 0 when some trial reported a value. ``full_iters``: the preset's own length,
-    named in the hints when the trials trained a shorter run."""
-    rows = []
+              searcher, num_samples: int, full_iters: int | None = None,
+              rungs: list[int] | None = None) -> tuple[int, list[report.TrialRow]]:
+    """The end of a search: results.csv, best_config.json, selection, importances, ASHA's
+    rungs against the end (``rungs``: its milestones, None without ASHA), hints. Returns the
+    exit code (0 when some trial reported a value) and the trials' rows. ``full_iters``: the
+    preset's own length, named in the hints when the trials trained a shorter run."""
+    rows, histories = [], {}
     # Tune's saved status per trial: after a Ctrl-C the live grid calls unfinished trials
     # terminated, the saved experiment state knows they were still running.
     status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(exp_path).trials}
@@ -31,6 +34,7 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
         params = {k: v for k, v in (result.config or {}).items()}
         config = _trial_config(base, params, trial_id)
         value = (result.metrics or {}).get(metric)
+        histories[trial_id] = _history(result, metric)
         rows.append(report.TrialRow(
             trial_id=trial_id,
             status="ERROR" if result.error else _saved_status(status, trial_id),
@@ -51,6 +55,8 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
     study = _study(searcher, exp_path)
     if study is not None:
         print(report.format_importances(report.importances(study, out_dir)))
+    if rungs:
+        print(write_rungs(histories, out_dir, iters=base.train.iters, rungs=rungs, mode=mode))
     if "://" in exp_path:  # results beside the trials in the bucket
         import pyarrow.fs
         pyarrow.fs.copy_files(str(out_dir), exp_path)
@@ -64,7 +70,23 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
     if unfinished:
         print(f"the search stopped before its {num_samples} trials ended; continue it with the "
               "same command plus --resume")
-    return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1
+    return 0 if any(r.value is not None and r.status != "ERROR" for r in rows) else 1, rows
+
+
+def _history(result, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every report of the trial, as Tune (and ASHA) saw them."""
+    frame = result.metrics_dataframe
+    if frame is None or "step" not in frame or metric not in frame:
+        return []
+    out = []
+    for step, value in zip(frame["step"], frame[metric]):
+        try:
+            step, value = float(step), float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(step) and math.isfinite(value):
+            out.append((int(step), value))
+    return out
 
 
 def _scores(metrics: dict) -> dict[str, float]:

@@ -18,7 +18,10 @@ FILE = "settings.json"
 # Flag -> default for a new search; on --resume an absent flag (None) keeps the stored value.
 FLAGS = {"preset": "digits", "space": None, "scheduler": "asha", "grace_period": None,
          "reduction_factor": None, "sampler": "tpe", "seed": 0, "num_samples": None,
-         "metric": "target_miou"}
+         "metric": "target_miou", "confirm": 1, "confirm_seeds": 3, "confirm_seed_kind": "auto",
+         "confirm_set": []}
+# What a resumed search may change: the confirmation runs after the search, from its results.
+CHANGEABLE = frozenset(k for k in FLAGS if k.startswith("confirm"))
 
 
 def resolve(args, exp_dir: Path | None) -> dict:
@@ -30,15 +33,18 @@ def resolve(args, exp_dir: Path | None) -> dict:
         raise ConfigError("--change-on-resume needs --resume")
     if args.resume and stored_file is not None and stored_file.exists():
         old = json.loads(stored_file.read_text())
+        old = {**{k: v for k, v in FLAGS.items() if k in CHANGEABLE}, **old}  # older searches
         given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
         new = {**old, **given}
         base = search_preset(args.preset) if args.preset else Config.from_dict(old["config"])
         new["config"] = base.with_overrides(args.set).to_dict()
-        fixed = {k: v for k, v in old.items() if k != "config"}
-        settings.reconcile(fixed, {k: v for k, v in new.items() if k != "config"}, change=False,
+        fixed = {k: v for k, v in old.items() if k != "config" and k not in CHANGEABLE}
+        settings.reconcile(fixed, {k: v for k, v in new.items() if k in fixed}, change=False,
                            where=exp_dir, what="the search's settings (Tune restores them)")
-        chosen = settings.reconcile(old, new, change=args.change_on_resume, where=exp_dir,
-                                    what="the base config")
+        keep = {k: v for k, v in old.items() if k not in CHANGEABLE}
+        chosen = settings.reconcile(keep, {k: v for k, v in new.items() if k not in CHANGEABLE},
+                                    change=args.change_on_resume, where=exp_dir, what="the base config")
+        chosen = {**chosen, **{k: new[k] for k in CHANGEABLE}}
     else:
         chosen = {k: default if getattr(args, k) is None else getattr(args, k)
                   for k, default in FLAGS.items()}
