@@ -171,3 +171,18 @@ def test_search_bench_anytime_curve_and_goal(tmp_path):
     assert "| random+asha | 0 | 30.50 | - | never | no |" in text
     bench.plot(results, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_confirm_bench_simulates_asha_as_ray_does_and_keeps_the_reference():
+    bench = _load("bench_confirm")
+    # rung at 800, reduction factor 2: a trial below the median of what the rung saw so far stops
+    finals = {"ref": 40.0, "a": 42.0, "b": 39.0, "c": 41.0, "d": 38.0}
+    at_rung = {"ref": 30.0, "a": 35.0, "b": 31.0, "c": 36.0, "d": 29.0}
+    hist = {t: [(800, at_rung[t]), (900, finals[t])] for t in finals}
+    sim = bench.simulate_asha(hist, list(finals), grace=800, rf=2, iters=900)
+    # a: 35 >= 30 runs on; b: 31 < median(30, 35) stops; c: 36 runs on; d: 29 stops
+    assert (sim["stopped"], sim["steps_saved"], sim["best_survives"]) == (2, 200, True)
+    low_ref = dict(hist, ref=[(800, 1.0), (900, 50.0)])
+    order = ["a", "ref", "b", "c", "d"]  # the reference is never stopped, wherever it comes
+    assert bench.simulate_asha(low_ref, order, grace=800, rf=2, iters=900,
+                               reference="ref")["best_survives"]
