@@ -52,7 +52,8 @@ def _train(job: dict) -> dict:
                     stop_at=job.get("stop_at"))
     return {**{k: job[k] for k in ("label", "seed")}, "value": metrics.get("val/best_mIoU"),
             "target_miou": metrics.get("val/best_mIoU"), "final_miou": metrics.get("val/mIoU"),
-            "run_dir": job["run_dir"], "wall_s": time.time() - tic}
+            "run_dir": str(Path(job["run_dir"]).relative_to(ROOT)) if Path(job["run_dir"]).is_relative_to(ROOT)
+            else job["run_dir"], "wall_s": time.time() - tic}
 
 
 def worse(args) -> None:

@@ -168,3 +168,41 @@ def test_reference_asha_never_stops_the_reference():
     assert sched.on_trial_result(None, good, {"step": 4, "m": 50.0}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, ref, {"step": 4, "m": 10.0}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, bad, {"step": 4, "m": 10.0}) == TrialScheduler.STOP
+
+
+def test_run_trains_only_the_missing_replicates_and_confirms_elsewhere_with_its_own_warmup(
+        tmp_path, monkeypatch):
+    base = get_preset("digits").with_overrides(["train.iters=900"])
+    trained, warmups = [], []
+
+    def fake_train(runs, cbase, metric, mode, **kw):
+        trained.append((runs, cbase, kw["options"]["warmup"]))
+        return [{"config": r["label"], "seed": r["seed"], "value": 40.0 + r["seed"]
+                 + (1.0 if r["label"] == "#1" else 0.0), "target_miou": None, "from": "confirm"}
+                for r in runs]
+
+    monkeypatch.setattr(confirm, "_train", fake_train)
+    rows = [_row("ref", 40.0, dict(REF)),
+            _row("a", 41.0, {"method.pull_weight": 0.3, "method.pull_temperature": 0.1})]
+    common = dict(reference=REF, top=1, seeds=3, kind="adaptation", base=base,
+                  metric="val/best_mIoU", mode="max", exp_path=str(tmp_path), log_root=tmp_path,
+                  remote=False, concurrent=2, resume=False,
+                  trial_options={"warmup": {"checkpoint": "w"}, "workers": 1})
+    result = confirm.run(rows, confirm_set=[], warmup_for=warmups.append, **common)
+    runs, cbase, warm = trained[-1]
+    # both search runs trained to the end: seeds 1 and 2 of each config are the new runs
+    assert sorted((r["label"], r["seed"]) for r in runs) == \
+        [("#1", 1), ("#1", 2), ("default", 1), ("default", 2)]
+    assert all(r["overrides"]["adapt_seed"] == r["seed"] for r in runs)
+    assert warm == {"checkpoint": "w"} and cbase is base and not warmups
+    assert result["vs_default"]["#1"]["verdict"] == "better"  # +1 on every seed
+    assert json.loads((tmp_path / "confirm.json").read_text())["seeds"] == [0, 1, 2]
+
+    def warmup_for(cfg):
+        warmups.append(cfg)
+        return cfg, {"checkpoint": "w1200"}
+
+    confirm.run(rows, confirm_set=["train.iters=1200"], warmup_for=warmup_for, **common)
+    runs, cbase, warm = trained[-1]
+    assert len(runs) == 6 and cbase.train.iters == 1200 and warm == {"checkpoint": "w1200"}
+    assert warmups[-1].train.iters == 1200
