@@ -50,10 +50,11 @@ def _train(job: dict) -> dict:
     tic = time.time()
     metrics = train(cfg, device="cpu", run_dir=job["run_dir"], resume=job.get("resume"),
                     stop_at=job.get("stop_at"))
+    run_dir = Path(job["run_dir"])
     return {**{k: job[k] for k in ("label", "seed")}, "value": metrics.get("val/best_mIoU"),
             "target_miou": metrics.get("val/best_mIoU"), "final_miou": metrics.get("val/mIoU"),
-            "run_dir": str(Path(job["run_dir"]).relative_to(ROOT)) if Path(job["run_dir"]).is_relative_to(ROOT)
-            else job["run_dir"], "wall_s": time.time() - tic}
+            "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+            "wall_s": time.time() - tic}
 
 
 def worse(args) -> None:
