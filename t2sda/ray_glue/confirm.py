@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -83,8 +84,9 @@ def reusable(row: TrialRow | None, base: Config, changed: list[str]) -> bool:
 
 def after_search(args, rows: list[TrialRow], *, reference: dict, base: Config, metric: str,
                  mode: str, exp_path: str, log_root: Path, remote: bool, concurrent: int,
-                 options: dict, warmup_for: Callable) -> dict | None:
-    """tune.py's confirmation stage: run it, print the table and, last, the verdict line."""
+                 options: dict, warmup_for: Callable, owned: bool = False) -> dict | None:
+    """tune.py's confirmation stage: run it, print the table and, last, the verdict line.
+    ``owned``: this process started or joined Ray itself, so it may disconnect first."""
     kind = args.confirm_seed_kind
     if kind == "auto":
         kind = "adaptation" if options.get("warmup") is not None else "full"
@@ -94,6 +96,8 @@ def after_search(args, rows: list[TrialRow], *, reference: dict, base: Config, m
                  trial_options=options, resume=args.resume, warmup_for=warmup_for)
     if result is None:
         return None
+    if owned:  # its workers' last log lines arrive late: the verdict must come after them
+        ray.shutdown()
     if remote:  # the verdict beside the trials in the bucket
         import pyarrow.fs
         for name in ("confirm.json", "confirm.png", "best_config.json"):

@@ -178,6 +178,7 @@ def run(args) -> int:
     metric, mode = _search_metric(args.metric, space, base)
     num_samples = args.num_samples or space.num_samples
 
+    owned = not ray.is_initialized()  # else a caller's Ray, which it keeps (e.g. tests)
     started = driver.connect(dashboard=True)  # the state API cleans up stopped trials
     # An autoscaling cluster may grow past its present nodes: treat it as multi-node.
     nodes = 1 if started else max(_alive_nodes(), 2 if driver.autoscaling() else 1)
@@ -249,7 +250,7 @@ def run(args) -> int:
     if code == 0 and args.confirm:
         confirm.after_search(args, rows, reference=reference, base=base, metric=metric, mode=mode,
                              exp_path=exp_path, log_root=log_root, remote=remote,
-                             concurrent=concurrent, options=options,
+                             concurrent=concurrent, options=options, owned=owned,
                              warmup_for=lambda cfg: _shared_warmup(
                                  args, cfg, drawn, log_root / "confirm",
                                  f"{exp_path}/confirm" if remote else None,
