@@ -18,9 +18,9 @@ import torch
 from t2sda import checkpoint, dist
 from t2sda.config import Config, ConfigError
 from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
-from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
 from t2sda.monitor import Monitor, with_best
+from t2sda.scoring import evaluate, iou_from_confusion, predict
 from t2sda.state import TrainState, build_state, uses_pull
 from t2sda.step import NonFiniteLossError, train_step
 from t2sda.tb import NullLogger, TBLogger, colorize
