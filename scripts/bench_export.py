@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from t2sda import export
+from t2sda import model_export
 from t2sda.models import MODELS, build_model
 
 
@@ -37,8 +37,8 @@ def _median_ms(fn, image: torch.Tensor, repeats: int) -> float:
 
 
 def bench(name: str, size: tuple[int, int], *, repeats: int, folder: Path) -> dict:
-    module = export.Deployable(build_model(name, num_classes=19))
-    image = export.example_input(module, size, seed=1)
+    module = model_export.Deployable(build_model(name, num_classes=19))
+    image = model_export.example_input(module, size, seed=1)
     row = {"model": name, "size": f"{size[0]}x{size[1]}"}
 
     def eager(x):
@@ -46,13 +46,13 @@ def bench(name: str, size: tuple[int, int], *, repeats: int, folder: Path) -> di
             return module(x)
 
     row["eager_ms"] = _median_ms(eager, image, repeats)
-    for fmt in export.FORMATS:
+    for fmt in model_export.FORMATS:
         path = folder / f"{name}-{row['size']}.{fmt}"
         start = time.perf_counter()
-        export.export(module, path, fmt=fmt, size=size, dynamic=True)
+        model_export.export(module, path, fmt=fmt, size=size, dynamic=True)
         row[f"{fmt}_export_s"] = time.perf_counter() - start
-        run = export.load_runner(path, fmt)
-        check = export.compare(module, run, image)
+        run = model_export.load_runner(path, fmt)
+        check = model_export.compare(module, run, image)
         row[f"{fmt}_max_abs_diff"] = check["max_abs_diff"]
         row[f"{fmt}_agreement"] = check["agreement"]
         row[f"{fmt}_ms"] = _median_ms(run, image, repeats)
@@ -85,8 +85,8 @@ def main() -> None:
 
     try:
         sizes = [parse_size(s) for s in args.sizes]
-        export.check_packages("onnx")
-    except export.ExportError as err:
+        model_export.check_packages("onnx")
+    except model_export.ExportError as err:
         parser.error(str(err))
     rows = []
     with tempfile.TemporaryDirectory() as folder:

@@ -17,9 +17,9 @@ import torch
 
 from t2sda.cli.evaluate import score, val_data
 from t2sda.data.loaders import eval_loader
-from t2sda.evaluate import confusion_matrix
 from t2sda.inference import load_trained
 from t2sda.predictions import TTA_SCALES, mode_name, segment
+from t2sda.scoring import confusion_matrix
 
 # name -> (TTA scales or None for plain inference, flips)
 MODES = {"plain": (None, False), "tta flip": ((1.0,), True), "tta 6 scales": (TTA_SCALES, False),

@@ -46,7 +46,7 @@ case "$command" in -h|--help|help) usage; exit 0 ;; esac
 
 [ -f "$config" ] || die "no cluster config $config"
 if grep -q '^kind: RayCluster' "$config"; then
-    die "$config is a KubeRay manifest: kubectl apply -f $config (README, 'Run on a cluster')"
+    die "$config is a KubeRay manifest: kubectl apply -f $config (docs/cluster.md, 'Kubernetes')"
 fi
 
 # The ray CLI of the project's venv when there is one: its version is the one the configs pin.

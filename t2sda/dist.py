@@ -48,6 +48,28 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def float_buffers(module: torch.nn.Module) -> torch.Tensor:
+    """The module's floating buffers (BatchNorm running stats) as one flat tensor, for drift checks."""
+    bufs = [b.detach().reshape(-1) for b in module.buffers() if b.dtype.is_floating_point]
+    return torch.cat(bufs).float() if bufs else torch.zeros(1)
+
+
+def record_broadcast_buffers(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Keep, at each training forward, the wrapped module's buffers as DDP has just broadcast them.
+
+    DDP copies rank 0's buffers to every rank before each forward with gradients, then each
+    rank's BatchNorm updates its running stats from its own batch shard: the buffers *after* a
+    step differ by design, the ones DDP hands the forward must not. A forward pre-hook on the
+    inner module runs after that broadcast; ``ddp.broadcast_buffers_seen`` holds its copy.
+    """
+    def hook(module, args):
+        if torch.is_grad_enabled():  # evaluation (no_grad) calls the inner module directly
+            ddp.broadcast_buffers_seen = float_buffers(module)
+
+    ddp.broadcast_buffers_seen = None
+    ddp.module.register_forward_pre_hook(hook)
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (picklable objects; identity without a process group)."""
     if not is_distributed():

@@ -24,7 +24,7 @@ from t2sda import dist, validators
 from t2sda.config import Config
 from t2sda.data.loaders import eval_loader
 from t2sda.diagnostics import balanced_sample, feature_metrics
-from t2sda.evaluate import evaluate, iou_from_confusion, logits_of
+from t2sda.scoring import evaluate, iou_from_confusion, logits_of
 
 DIAG_IMAGES = 16  # per domain
 PER_CLASS = 64  # labelled pixels per class per domain

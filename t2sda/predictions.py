@@ -19,7 +19,7 @@ from PIL import Image
 
 from t2sda.config import ConfigError
 from t2sda.data import labels
-from t2sda.evaluate import predict, slide_logits
+from t2sda.scoring import predict, slide_logits
 from t2sda.tb import palette
 
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug-test img_ratios (DAFormer)

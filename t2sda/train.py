@@ -18,9 +18,9 @@ import torch
 from t2sda import checkpoint, dist
 from t2sda.config import Config, ConfigError
 from t2sda.data.loaders import batch_stream, build_datasets, eval_loader
-from t2sda.evaluate import evaluate, iou_from_confusion, predict
 from t2sda.method.translate import translate
 from t2sda.monitor import Monitor, with_best
+from t2sda.scoring import evaluate, iou_from_confusion, predict
 from t2sda.state import TrainState, build_state, uses_pull
 from t2sda.step import NonFiniteLossError, train_step
 from t2sda.tb import NullLogger, TBLogger, colorize
@@ -47,8 +47,10 @@ def _wrap_ddp(device: torch.device, cfg: Config):
         # EMA and checkpoints are unchanged) and its statistics are averaged over ranks.
         if cfg.train.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
-                                                         find_unused_parameters=unused)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
+                                                        find_unused_parameters=unused)
+        dist.record_broadcast_buffers(ddp)  # for dist/buffer_diff
+        return ddp
 
     return wrap
 
@@ -87,19 +89,24 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
 
 
 def _replica_drift(state: TrainState) -> dict:
-    """How far ranks have drifted apart (0 when DDP keeps them identical, as it must)."""
-    params = [p.detach().double().sum() for p in dist.unwrap(state.student).parameters()]
+    """How far ranks have drifted apart in what DDP keeps identical (0 when it does, as it must).
+
+    ``dist/buffer_diff`` covers the teacher's buffers (averaged over ranks at each update) and the
+    student's as DDP last broadcast them; ``dist/student_bn_spread`` is the student's BatchNorm
+    running stats now, which every rank has since updated from its own shard (non-zero by design:
+    each rank evaluates its part of the val set with its own).
+    """
+    student = dist.unwrap(state.student)
+    params = [p.detach().double().sum() for p in student.parameters()]
     params += [p.detach().double().sum() for p in state.teacher.model.parameters()]
+    broadcast = getattr(state.student, "broadcast_buffers_seen", None)
+    if broadcast is None:  # no training forward since the wrap: the buffers are as broadcast
+        broadcast = dist.float_buffers(student)
     return {"dist/param_diff": dist.max_rank_difference(torch.stack(params)),
-            "dist/buffer_diff": dist.max_rank_difference(_buffer_sums(state)),
+            "dist/buffer_diff": dist.max_rank_difference(
+                torch.cat([dist.float_buffers(state.teacher.model), broadcast])),
+            "dist/student_bn_spread": dist.max_rank_difference(dist.float_buffers(student)),
             "dist/class_weight_diff": dist.max_rank_difference(state.weighter.weights().double())}
-
-
-def _buffer_sums(state: TrainState) -> torch.Tensor:
-    """One number per floating buffer (BN running stats) of student and teacher, for drift checks."""
-    modules = (dist.unwrap(state.student), state.teacher.model)
-    sums = [b.detach().double().sum() for m in modules for b in m.buffers() if b.dtype.is_floating_point]
-    return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
 
 
 class NonFiniteMetricError(NonFiniteLossError):

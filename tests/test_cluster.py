@@ -17,9 +17,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[1]
 RAY_UP_CONFIGS = ["cluster/gpu.yaml", "cluster/local.yaml"]
 KUBERAY = "cluster/kuberay.yaml"
-# Every file that names a Ray image, the helper and README included.
+# Every file that names a Ray image, the helper and the cluster docs included.
 IMAGE_FILES = [*RAY_UP_CONFIGS, KUBERAY, "cluster/Dockerfile"]
 CLUSTER_FILES = [*IMAGE_FILES, "scripts/cluster.sh"]
+DOCS = ["README.md", "docs/cluster.md"]  # the instructions: Ray pins and image tags
 
 
 def _load(path: str):
@@ -78,13 +79,13 @@ def test_image_tags_follow_the_installed_ray(path):
 
 
 def test_image_tags_agree_everywhere():
-    texts = [(ROOT / p).read_text() for p in [*CLUSTER_FILES, "README.md"]]
+    texts = [(ROOT / p).read_text() for p in [*CLUSTER_FILES, *DOCS]]
     tags = {tag for text in texts for tag in _image_tags(text)}
     assert tags == {next(iter(tags))} and next(iter(tags)).startswith(ray.__version__ + "-")
 
 
 def test_ray_pins_in_instructions_follow_the_installed_ray():
-    pins = re.findall(r"ray\[[\w,]+\]==([\w.]+)", (ROOT / "README.md").read_text())
+    pins = re.findall(r"ray\[[\w,]+\]==([\w.]+)", "".join((ROOT / p).read_text() for p in DOCS))
     assert pins and set(pins) == {ray.__version__}
 
 

@@ -16,8 +16,8 @@ from t2sda.config import Config
 from t2sda.data import folders, labels, rcs, scan, transforms
 from t2sda.data.loaders import batch_stream, build_datasets
 from t2sda.data.real import FolderDataset
-from t2sda.evaluate import evaluate
 from t2sda.presets import PRESETS, get_preset
+from t2sda.scoring import evaluate
 from tests.test_evaluate import _Pointwise
 
 # Image i of a split, written where the official layout keeps it; the label path beside it
@@ -263,7 +263,7 @@ def test_presets_are_the_recipes():
 
 def _digits_in_layouts(tmp_path, cfg):
     """The digits datasets of ``cfg`` written as GTA5 (source) and Cityscapes (target, val)."""
-    from t2sda.data.export import write_layout
+    from t2sda.data.write_layouts import write_layout
 
     d, kw = cfg.data, {"strength": cfg.data.strength, "image_size": cfg.data.image_size}
     write_layout(tmp_path / "gta", layout="gta5", domain="source", split="train",

@@ -160,7 +160,7 @@ def test_monitor_on_labels_larger_than_images_and_without_source_split(tiny_cfg)
     assert state.student.training  # back in training mode
     # The evaluation pass shares its logits: the same scores without a pass of their own.
     from t2sda.data.loaders import eval_loader
-    from t2sda.evaluate import evaluate
+    from t2sda.scoring import evaluate
 
     student = state.student
     student.eval()

@@ -22,7 +22,7 @@ from t2sda.data.digits import (
     sample_layout,
     sample_photo_crop,
 )
-from t2sda.data.export import TRAIN_ID_TO_LABEL_ID, main, write_layout
+from t2sda.data.write_layouts import TRAIN_ID_TO_LABEL_ID, main, write_layout
 
 VALID_LABELS = set(range(NUM_CLASSES)) | {IGNORE_INDEX}
 DIGIT_VALUES = load_digits().target  # (1797,) digit 0..9 of each load_digits() image
@@ -266,7 +266,7 @@ def test_export_cli(tmp_path, capsys):
 def test_export_cli_module_entry_point(tmp_path):
     (tmp_path / "junk").write_text("x")
     proc = subprocess.run(
-        [sys.executable, "-m", "t2sda.data.export", "--layout", "cityscapes", "--domain",
+        [sys.executable, "-m", "t2sda.data.write_layouts", "--layout", "cityscapes", "--domain",
          "target", "--split", "test", "--num-images", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not empty" in proc.stderr

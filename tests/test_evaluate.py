@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from t2sda.evaluate import confusion_matrix, iou_from_confusion, predict, slide_logits
+from t2sda.scoring import confusion_matrix, iou_from_confusion, predict, slide_logits
 
 
 def test_confusion_and_iou_values():

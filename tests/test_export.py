@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from t2sda import export
+from t2sda import model_export
 from t2sda.__main__ import main
 from t2sda.data import digits
-from t2sda.export import Deployable
 from t2sda.inference import load_trained
+from t2sda.model_export import Deployable
 from t2sda.models import build_model
 
 pytest.importorskip("onnxruntime")
@@ -34,13 +34,13 @@ def onnx_logits(run_dir, tmp_path_factory):
     """The run's student as a dynamic uint8 -> logits ONNX file."""
     module = Deployable(load_trained(run_dir=run_dir).models["student"])
     path = tmp_path_factory.mktemp("onnx") / "logits.onnx"
-    export.export(module, path, fmt="onnx", size=(64, 64), dynamic=True)
+    model_export.export(module, path, fmt="onnx", size=(64, 64), dynamic=True)
     return module, path
 
 
 def test_onnx_runs_in_onnxruntime_at_any_size(onnx_logits):
     module, path = onnx_logits
-    checks = export.verify(module, path, fmt="onnx", size=(64, 64), dynamic=True)
+    checks = model_export.verify(module, path, fmt="onnx", size=(64, 64), dynamic=True)
     assert [c["input"] for c in checks] == [[1, 3, 64, 64], [2, 3, 104, 88]]
     import onnx
 
@@ -48,7 +48,7 @@ def test_onnx_runs_in_onnxruntime_at_any_size(onnx_logits):
     assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in (graph.input[0], graph.output[0])] == [["batch", 3, "height", "width"],
                                                             ["batch", 11, "height", "width"]]
-    run = export.load_runner(path, "onnx")
+    run = model_export.load_runner(path, "onnx")
     for shape in ((1, 3, 64, 64), (3, 3, 40, 72)):  # a size the export never saw
         image = _image(shape)
         got = run(image)
@@ -62,13 +62,13 @@ def test_torchscript_uint8_float_labels(tmp_path):
     labels = argmax of the logits, all at a size other than the traced one."""
     segmentor = build_model("small_cnn", num_classes=5)
     runs = {}
-    for i in export.INPUTS:
-        for o in export.OUTPUTS:
+    for i in model_export.INPUTS:
+        for o in model_export.OUTPUTS:
             module = Deployable(segmentor, input=i, output=o)
             path = tmp_path / f"{i}-{o}.pt"
-            export.export(module, path, fmt="torchscript", size=(64, 64), dynamic=True)
-            export.verify(module, path, fmt="torchscript", size=(64, 64), dynamic=True)
-            runs[i, o] = export.load_runner(path, "torchscript")
+            model_export.export(module, path, fmt="torchscript", size=(64, 64), dynamic=True)
+            model_export.verify(module, path, fmt="torchscript", size=(64, 64), dynamic=True)
+            runs[i, o] = model_export.load_runner(path, "torchscript")
     image = _image((2, 3, 48, 80), seed=3)
     logits = runs["uint8", "logits"](image)
     with torch.no_grad():
@@ -97,9 +97,9 @@ def test_cli_onnx_float_labels(run_dir, onnx_logits, tmp_path, caplog):
                               "shape": ["N", "H", "W"]}
     assert sorted(p.name for p in out.parent.iterdir()) == ["labels.onnx", "labels.onnx.json"]
     image = _image((2, 3, 56, 40), seed=5)
-    labels = export.load_runner(out, "onnx")(image.float() / 255)
+    labels = model_export.load_runner(out, "onnx")(image.float() / 255)
     assert labels.dtype == torch.int64 and labels.shape == (2, 56, 40)
-    assert torch.equal(labels, export.load_runner(onnx_logits[1], "onnx")(image).argmax(1))
+    assert torch.equal(labels, model_export.load_runner(onnx_logits[1], "onnx")(image).argmax(1))
 
 
 # daformer_mitb5 through the ONNX (dynamo) exporter takes ~5 min on two cores, a third of the
@@ -117,12 +117,12 @@ _HEAVY = pytest.mark.skipif(not os.environ.get("T2SDA_HEAVY_TESTS"),
 def test_big_models_export(name, fmt, tmp_path):
     module = Deployable(build_model(name, num_classes=19))
     path = tmp_path / f"{name}.{fmt}"
-    export.export(module, path, fmt=fmt, size=(64, 64), dynamic=True)
-    for check in export.verify(module, path, fmt=fmt, size=(64, 64), dynamic=True):
+    model_export.export(module, path, fmt=fmt, size=(64, 64), dynamic=True)
+    for check in model_export.verify(module, path, fmt=fmt, size=(64, 64), dynamic=True):
         assert check["agreement"] >= 0.999 and check["max_abs_diff"] < 1e-3 * max(1, check["scale"])
     image = _image((1, 3, 96, 64), seed=2)  # a third size
     with torch.no_grad():
-        _assert_close(export.load_runner(path, fmt)(image), module(image))
+        _assert_close(model_export.load_runner(path, fmt)(image), module(image))
 
 
 def _export(run_dir, out, *extra):
@@ -149,16 +149,16 @@ def test_errors_are_one_line_and_keep_files(run_dir, tmp_path, capsys, monkeypat
     assert main(["export", "--run-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "not found" in capsys.readouterr().err
 
-    real = export.importlib.util.find_spec
-    monkeypatch.setattr(export.importlib.util, "find_spec",
+    real = model_export.importlib.util.find_spec
+    monkeypatch.setattr(model_export.importlib.util, "find_spec",
                         lambda name: None if name == "onnxscript" else real(name))
     assert _export(run_dir, tmp_path / "m.onnx", "--format", "onnx") == 2
     assert 'needs onnxscript (not installed): pip install -e ".[export]"' in capsys.readouterr().err
     monkeypatch.undo()
 
     # A file that disagrees with eager is an error (exit 1): the earlier file stays as it was.
-    good = export.load_runner
-    monkeypatch.setattr(export, "load_runner", lambda path, fmt: lambda x: good(path, fmt)(x) + 0.5)
+    good = model_export.load_runner
+    monkeypatch.setattr(model_export, "load_runner", lambda path, fmt: lambda x: good(path, fmt)(x) + 0.5)
     assert _export(run_dir, out, "--overwrite") == 1
     assert "max abs logit difference 0.5 vs eager exceeds" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier export"

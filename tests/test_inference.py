@@ -88,7 +88,7 @@ def test_evaluate_cli_matches_training_validation(tmp_path, capsys):
 
     from t2sda.__main__ import main
     from t2sda.data.loaders import build_datasets, eval_loader
-    from t2sda.evaluate import evaluate, iou_from_confusion
+    from t2sda.scoring import evaluate, iou_from_confusion
 
     cfg = _cfg(**{"data.val_scenes": 24, "data.train_scenes": 8, "data.image_size": 32})
     cfg.save(tmp_path / "config.json")
@@ -139,8 +139,8 @@ def _small(k=5, seed=0):
 def test_tta_scale_one_without_flip_is_plain_inference():
     import torch.nn.functional as F
 
-    from t2sda.evaluate import predict, slide_logits
     from t2sda.predictions import probabilities
+    from t2sda.scoring import predict, slide_logits
 
     model, image = _small(), torch.rand(2, 3, 24, 40)
     probs = probabilities(model, image, num_classes=5, size=(48, 80))
@@ -220,7 +220,7 @@ def test_the_official_cityscapes_evaluator_agrees(tmp_path):
 
     from t2sda.__main__ import main
     from t2sda.data import labels
-    from t2sda.data.export import write_layout
+    from t2sda.data.write_layouts import write_layout
 
     root = tmp_path / "cityscapes"
     write_layout(root, layout="cityscapes", domain="target", split="test", num_images=2, image_size=48)

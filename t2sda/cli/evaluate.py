@@ -108,7 +108,7 @@ def writable(out: Path, flag: str) -> Path:
 def score(confusion: torch.Tensor, class_names: tuple[str, ...], subsets: dict) -> dict:
     """mIoU as the Cityscapes evaluator defines it: classes with no GT and no prediction are
     left out (NaN); the others count, a predicted-but-absent class with IoU 0."""
-    from t2sda.evaluate import iou_from_confusion
+    from t2sda.scoring import iou_from_confusion
 
     iou, miou = iou_from_confusion(confusion)
     per_class = zip(class_names, iou.tolist(), strict=True)
@@ -209,7 +209,7 @@ def confusion_png(conf: torch.Tensor, class_names: tuple[str, ...], path: Path, 
 
 def main(args) -> int:
     from t2sda.data.loaders import eval_loader
-    from t2sda.evaluate import confusion_matrix
+    from t2sda.scoring import confusion_matrix
 
     trained, device = load_from_args(args)
     tta, flip = tta_from_args(args)

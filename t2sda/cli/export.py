@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from t2sda import export
+from t2sda import model_export
 from t2sda.cli.evaluate import add_source_arguments, load_from_args
 from t2sda.config import ConfigError
-from t2sda.export import ExportError, VerifyError
+from t2sda.model_export import ExportError, VerifyError
 from t2sda.models import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("t2sda")
@@ -31,14 +31,14 @@ MIN_SIZE = 32  # the coarsest backbone stage (stride 32) needs at least one pixe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     parser.add_argument("--out", required=True, help="the file to write (and <out>.json beside it)")
-    parser.add_argument("--format", default="onnx", choices=export.FORMATS)
+    parser.add_argument("--format", default="onnx", choices=model_export.FORMATS)
     parser.add_argument("--size", metavar="HxW", help="input height x width (default: the config's "
                         "validation size, e.g. 512x1024; digits: data.image_size)")
     parser.add_argument("--dynamic", action="store_true",
                         help="batch, height and width free in the file (checked at a second size)")
-    parser.add_argument("--output", default="logits", choices=export.OUTPUTS,
+    parser.add_argument("--output", default="logits", choices=model_export.OUTPUTS,
                         help="logits (N, C, H, W) float32, or labels (N, H, W) int64")
-    parser.add_argument("--input", default="uint8", choices=export.INPUTS,
+    parser.add_argument("--input", default="uint8", choices=model_export.INPUTS,
                         help="uint8 RGB 0..255 (default) or float32 RGB in [0, 1]")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -132,13 +132,13 @@ def _run(args) -> int:
     size = parse_size(args.size) if args.size else None
     out = Path(args.out)
     check_out(out, args.overwrite)
-    export.check_packages(args.format)
+    model_export.check_packages(args.format)
 
     trained, _ = load_from_args(args)
     size = size or default_size(trained.config)
     if min(size) < MIN_SIZE:
         raise ConfigError(f"the config's size {size[0]}x{size[1]} is below {MIN_SIZE}; pass --size HxW")
-    module = export.Deployable(trained.models[args.model], input=args.input, output=args.output)
+    module = model_export.Deployable(trained.models[args.model], input=args.input, output=args.output)
     log.info("exporting %s %s (step %d of %s) to %s at %dx%d%s; large models take minutes on CPU",
              trained.config.model.name, args.model, trained.step, trained.checkpoint, args.format,
              *size, ", dynamic batch/height/width" if args.dynamic else "")
@@ -148,9 +148,9 @@ def _run(args) -> int:
     tmp_json = out.with_name(f".{out.name}.json.tmp-{os.getpid()}")
     try:
         start = time.perf_counter()
-        export.export(module, tmp, fmt=args.format, size=size, dynamic=args.dynamic)
+        model_export.export(module, tmp, fmt=args.format, size=size, dynamic=args.dynamic)
         log.info("exported in %.1f s; verifying against eager PyTorch", time.perf_counter() - start)
-        checks = export.verify(module, tmp, fmt=args.format, size=size, dynamic=args.dynamic)
+        checks = model_export.verify(module, tmp, fmt=args.format, size=size, dynamic=args.dynamic)
         for check in checks:
             diff = "n/a (labels)" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.3g}"
             log.info("  input %-18s max abs logit diff %s  argmax agreement %.4f %%",

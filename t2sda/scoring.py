@@ -1,4 +1,5 @@
-"""Evaluation: confusion matrix (all-reduced across ranks), mIoU, sliding-window inference."""
+"""Scoring a segmentor: confusion matrix (all-reduced across ranks), mIoU, whole and sliding-window
+prediction. The `evaluate` command is t2sda/cli/evaluate.py; training calls this during its runs."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ Layouts (i is the scene index):
   ``gtFine/<s>/digits/digits_000000_{i:06d}_gtFine_labelIds.png``, where ``<s>`` is ``train``
   for our train split and ``val`` for our test split (Cityscapes' test labels are withheld).
 
-CLI: ``python -m t2sda.data.export --layout gta5 --domain source --split train
+CLI: ``python -m t2sda.data.write_layouts --layout gta5 --domain source --split train
 --num-images 100 --out DIR``.
 """
 
@@ -90,7 +90,7 @@ def write_layout(out_dir: str | Path, *, layout: str, domain: str, split: str, n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m t2sda.data.export",
+        prog="python -m t2sda.data.write_layouts",
         description="Write DigitScenes as PNGs in a GTA5 or Cityscapes folder layout.")
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--domain", required=True, choices=DOMAINS)
