@@ -150,3 +150,12 @@ def test_the_core_and_its_commands_import_without_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_no_source_file_over_400_lines():
+    """docs/architecture.md's rule: split a module by what its pieces do before it grows past 400."""
+    root = Path(__file__).resolve().parents[1]
+    files = [*(root / "t2sda").rglob("*.py"), *(root / "tune_spaces").rglob("*.py"), root / "tune.py"]
+    long = {str(f.relative_to(root)): n for f in files
+            if (n := len(f.read_text().splitlines())) > 400}
+    assert not long, f"over 400 lines: {long}"
