@@ -183,6 +183,29 @@ def recorded_runs(path: Path, overrides: list[str]) -> dict:
         raise SystemExit(f"{path}: not a results file of this script ({err}); move it away") from None
 
 
+def run_jobs(root: Path, jobs: list[tuple[str, str, int]], overrides: list[str], *, n_jobs: int,
+             report_only: bool, fresh: bool = False) -> dict:
+    """The (preset, variant, seed) runs, ``n_jobs`` at a time, keyed like ``jobs``: finished
+    ones are read back, a run whose dir is gone (run dirs are not committed) comes from
+    ``<root>/results.json`` unless ``fresh``; with ``report_only`` nothing new is trained."""
+    runner = Runner(root, overrides)
+    recorded = {} if fresh else recorded_runs(root / "results.json", overrides)
+    rows = {j: recorded[j] for j in jobs if j in recorded and not runner.finished(j)}
+    todo = [j for j in jobs if j not in rows and (runner.finished(j) or not report_only)]
+    runner.total = len(todo)
+    print(f"{len(todo)} runs, {n_jobs} at a time ({len(rows)} taken from results.json)", flush=True)
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        rows.update(zip(todo, pool.map(lambda job: runner.run(*job), todo)))
+    return rows
+
+
+def runs_payload(results: list[dict]) -> dict:
+    """results.json's ``runs`` (without curves) and ``curves`` entries."""
+    return {"runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
+            "curves": [{"preset": r["preset"], "variant": r["variant"], "seed": r["seed"],
+                        "curves": r["curves"]} for r in results]}
+
+
 def summarize(results: list[dict], presets: list[str]) -> dict:
     """Per preset and variant: mean, std, per-seed delta to the baseline of the same seed."""
     out: dict = {}
@@ -346,15 +369,8 @@ def main() -> int:
     jobs = [(p, v, s) for s in args.seeds for p in args.presets for v in full]
     jobs += [(p, v, args.seeds[0]) for p in args.presets for v in args.variants if v not in full]
     jobs = list(dict.fromkeys(jobs))
-    runner = Runner(root, args.set)
-    recorded = {} if args.fresh else recorded_runs(root / "results.json", args.set)
-    # A run whose dir is gone (run dirs are not committed) comes from results.json.
-    rows = {j: recorded[j] for j in jobs if j in recorded and not runner.finished(j)}
-    todo = [j for j in jobs if j not in rows and (runner.finished(j) or not args.report_only)]
-    runner.total = len(todo)
-    print(f"{len(todo)} runs, {args.jobs} at a time ({len(rows)} taken from results.json)", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows.update(zip(todo, pool.map(lambda job: runner.run(*job), todo)))
+    rows = run_jobs(root, jobs, args.set, n_jobs=args.jobs, report_only=args.report_only,
+                    fresh=args.fresh)
     results = [rows[j] for j in jobs if j in rows]
     summary = summarize(results, args.presets)
     text = table(summary, args.presets)
@@ -369,10 +385,7 @@ def main() -> int:
     plot(results, summary, args.presets, root / "pull_study.png")
     payload = {"command": " ".join(sys.argv), "presets": args.presets, "seeds": args.seeds,
                "overrides": args.set, "variants": {v: VARIANTS[v] for v in dict.fromkeys(j[1] for j in jobs)},
-               "summary": summary, "verdict": rule, "step_time_ms": timing,
-               "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
-               "curves": [{"preset": r["preset"], "variant": r["variant"], "seed": r["seed"],
-                           "curves": r["curves"]} for r in results]}
+               "summary": summary, "verdict": rule, "step_time_ms": timing, **runs_payload(results)}
     (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (root / "results.md").write_text(text + "\n")
     print(f"wrote {root / 'results.md'}, {root / 'results.json'}, {root / 'pull_study.png'}")

@@ -186,6 +186,12 @@ class MethodConfig:
     weight_gamma: float = 1.0
     weight_schedule: str = "linear"  # constant | linear | cosine | step
     weight_warmup: int = 0  # steps over which uniform weights blend into dynamic ones
+    # 4. MIC's masked image consistency (docs/METHOD.md): the student on the target image with
+    # random blocks hidden learns the teacher's pseudo labels of the whole image.
+    mic_weight: float = 0.0  # MIC: 1; 0 = off
+    mic_mask_ratio: float = 0.7  # fraction of blocks hidden (MIC: 0.7)
+    mic_block: int = 64  # block side in pixels (MIC: 64 at 512-1024 px crops; digits: 8)
+    mic_augment: bool = True  # colour jitter + blur on the image before masking (MIC: on)
 
     def __post_init__(self):
         _non_negative("method.self_training_start", self.self_training_start)
@@ -231,6 +237,9 @@ class MethodConfig:
             "method.weight_schedule", self.weight_schedule, ("constant", "linear", "cosine", "step")
         )
         _non_negative("method.weight_warmup", self.weight_warmup)
+        _non_negative("method.mic_weight", self.mic_weight)
+        _unit("method.mic_mask_ratio", self.mic_mask_ratio, open_high=True)
+        _check(self.mic_block >= 1, "method.mic_block", self.mic_block, "must be >= 1 (pixels)")
 
 
 @dataclass(kw_only=True)

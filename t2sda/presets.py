@@ -34,6 +34,7 @@ def digits() -> Config:
             num_queries=128,
             num_negatives=128,
             weight_warmup=300,
+            mic_block=8,  # MIC's 64 px at DAFormer's 512 px crops: 1/8 of the side
         ),
         optim=OptimConfig(lr=1e-3, head_lr_mult=1.0, weight_decay=0.01, warmup_iters=50),
         train=TrainConfig(iters=1200, eval_every=200, checkpoint_every=200, log_every=20),

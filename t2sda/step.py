@@ -1,7 +1,7 @@
 """One T2S-DA training step, in one straight function.
 
-translate -> pseudo-label -> mix -> losses (CE, mix CE, pull, feature distance) -> one backward
--> optimizer -> EMA.
+translate -> pseudo-label -> mix (and MIC's masked target) -> losses (CE, mix CE, MIC, pull,
+feature distance) -> one backward -> optimizer -> EMA.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from t2sda import schedules
 from t2sda.config import Config
 from t2sda.dist import unwrap
 from t2sda.method.feature_distance import feature_distance
+from t2sda.method.masking import block_mask, mask_image
 from t2sda.method.mixing import class_mix_mask, mix, strong_augment
 from t2sda.method.pseudo_label import pseudo_label
 from t2sda.method.pull_loss import pull_loss, sample_index
@@ -142,11 +143,20 @@ def train_step(
         if m.strong_aug:
             mix_img = strong_augment(mix_img)
     query_img = strong_augment(src_like) if pulling and m.query_aug else src_like
+    # MIC: the target image (colour-augmented) with random blocks hidden; its labels and
+    # weights are the teacher's pseudo labels of the whole target image made above.
+    masking = adapt and m.mic_weight > 0
+    if masking:
+        mic_img = strong_augment(tgt_img) if m.mic_augment else tgt_img
+        mic_img = mask_image(mic_img, block_mask(b, h, w, ratio=m.mic_mask_ratio, block=m.mic_block,
+                                                 device=device))
 
     # 4. Student: one forward over every image it learns from (one graph, one backward).
     # Queries: target-like source pixels (labels y_s) and, optionally, confident target
     # pixels of the mixed image (teacher labels); only the picked pixels are projected.
-    student_in = [src_img] + ([query_img] if use_src_like else []) + ([mix_img] if adapt else [])
+    student_in = [src_img] + ([query_img] if use_src_like else [])
+    mix_at = len(student_in)  # the mixed image's part of the batch
+    student_in += ([mix_img] if adapt else []) + ([mic_img] if masking else [])
     picker = None
     if pulling:
         query_label = [torch.full_like(src_label, IGNORE),
@@ -171,7 +181,9 @@ def train_step(
         ce_like = F.cross_entropy(parts[1], src_label, ignore_index=IGNORE)
         losses["loss_src"] = 0.5 * (losses["loss_src"] + ce_like)
     if adapt:
-        losses["loss_mix"] = _weighted_ce(parts[-1], mix_label, mix_weight)
+        losses["loss_mix"] = _weighted_ce(parts[mix_at], mix_label, mix_weight)
+    if masking:
+        losses["loss_mic"] = _weighted_ce(parts[-1], tgt_label, tgt_weight)
     if feat_dist:
         losses["loss_fd"] = feature_distance(
             bottleneck[0][:b], imnet_feature, src_label, min_ratio=m.fd_min_ratio,
@@ -208,6 +220,8 @@ def train_step(
         total = total + pull_weight * losses["loss_pull"]
     if "loss_fd" in losses:
         total = total + m.fd_weight * losses["loss_fd"]
+    if "loss_mic" in losses:
+        total = total + m.mic_weight * losses["loss_mic"]
     for name, value in {**losses, "loss": total}.items():
         if not torch.isfinite(value):
             raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value.item()}")

@@ -186,3 +186,21 @@ def test_confirm_bench_simulates_asha_as_ray_does_and_keeps_the_reference():
     order = ["a", "ref", "b", "c", "d"]  # the reference is never stopped, wherever it comes
     assert bench.simulate_asha(low_ref, order, grace=800, rf=2, iters=900,
                                reference="ref")["best_survives"]
+
+
+def test_mic_study_pairs_seeds_and_shares_the_warmup():
+    from t2sda.ray_glue.shared_warmup import fits
+
+    bench = _load("bench_mic")
+    pull = bench.bench_pull
+    base, mic = (pull.variant_config("digits", v, 0, []) for v in ("t2sda", "mic"))
+    assert mic.method.mic_weight == 1 and mic.method.mic_block == 8
+    warm = pull.warmup_config(base)
+    assert warm == pull.warmup_config(mic) and fits(warm, base) and fits(warm, mic)
+    s = bench.paired([50.0, 51.0, 52.0], [51.0, 52.5, 52.5])  # +1.0, +1.5, +0.5
+    assert s["diff_mean"] == pytest.approx(1.0) and s["diffs"] == [1.0, 1.5, 0.5]
+    assert s["ci95"][0] == pytest.approx(1.0 - 4.302653 * 0.5 / 3 ** 0.5, abs=1e-5)
+    assert s["p"] == pytest.approx(0.0742, abs=1e-3)  # t = 2 sqrt(3), 2 degrees of freedom
+    assert bench.verdict(s) == "no difference beyond seed noise"
+    assert bench.verdict(bench.paired([50.0, 51.0, 52.0], [52.0, 53.1, 53.9])) == (
+        "MIC better, beyond seed noise")

@@ -47,6 +47,7 @@ def test_every_sampled_key_is_a_config_key_that_takes_effect(name):
 @pytest.mark.parametrize("name, trigger, dependent, when", [
     ("full", "method.translate", "method.fda_beta", {"fda"}),
     ("full", "method.weight_mode", "method.weight_gamma", {"iou", "confidence"}),
+    ("full", "method.mic_weight", "method.mic_mask_ratio", {1.0}),
     ("weighting", "method.weight_mode", "method.weight_momentum", {"iou", "confidence"}),
     ("weighting", "method.weight_schedule", "method.weight_warmup", {"linear", "cosine", "step"}),
     ("pull_loss", "method.weight_schedule", "method.weight_warmup", {"linear", "cosine", "step"}),

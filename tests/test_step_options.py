@@ -17,6 +17,7 @@ from t2sda.state import build_state
 from t2sda.step import train_step
 
 ALL = {"loss_src", "loss_mix", "loss_pull"}
+TERMS = ALL | {"loss_mic"}
 # (overrides, loss terms expected at an adapting step)
 CASES = {
     "default": ([], ALL),
@@ -44,6 +45,8 @@ CASES = {
     "schedule_constant": (["method.weight_schedule=constant"], ALL),
     "schedule_cosine": (["method.weight_schedule=cosine"], ALL),
     "schedule_step": (["method.weight_schedule=step", "method.weight_warmup=1"], ALL),
+    "mic": (["method.mic_weight=1"], TERMS),
+    "mic_no_augment_half_weight": (["method.mic_weight=0.5", "method.mic_augment=false"], TERMS),
 }
 
 
@@ -68,13 +71,14 @@ def test_every_switch_runs_through_the_step(tiny_cfg, name):
     teacher_before = [p.detach().clone() for p in state.teacher.parameters()]
     src, src_label, tgt = _batch(data, cfg.data.batch_size)
     first = train_step(state, src, src_label, tgt, cfg)
-    assert set(first) & ALL == {"loss_src"}  # step 0: source-only warm-up
+    assert set(first) & TERMS == {"loss_src"}  # step 0: source-only warm-up
     second = train_step(state, src, src_label, tgt, cfg)
     logs = train_step(state, src, src_label, tgt, cfg)
 
-    assert set(logs) & ALL == expected
+    assert set(logs) & TERMS == expected
     assert all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss"))
     total = logs["loss_src"] + logs.get("loss_mix", 0.0) + logs["pull_weight"] * logs.get("loss_pull", 0.0)
+    total += cfg.method.mic_weight * logs.get("loss_mic", 0.0)
     assert logs["loss"] == pytest.approx(total, rel=1e-5)
     assert ("pseudo_conf_frac" in logs) == cfg.method.self_training
     if cfg.method.self_training:  # threshold 0: every target pixel is confident

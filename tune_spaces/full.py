@@ -1,10 +1,11 @@
-"""Everything at once: pull loss, weighting, teacher, lr, pseudo labels, translation, sampling."""
+"""Everything at once: pull loss, weighting, teacher, lr, pseudo labels, translation, sampling, MIC."""
 
 from __future__ import annotations
 
 from tune_spaces import _knobs
 
-DESCRIPTION = "all of the method: pull loss, weighting, teacher EMA, lr, pseudo labels, translation, sampling"
+DESCRIPTION = ("all of the method: pull loss, weighting, teacher EMA, lr, pseudo labels, translation, "
+               "sampling, MIC on/off and its mask ratio")
 NUM_SAMPLES = 12
 GRACE_PERIOD = 400
 
@@ -20,3 +21,6 @@ def define(trial, adaptation_steps: int | None = None) -> None:
         trial.suggest_float("method.fda_beta", 0.01, 0.2, log=True)
     trial.suggest_int("method.num_queries", 32, 256, log=True)
     trial.suggest_int("method.num_negatives", 32, 256, log=True)
+    # MIC's masked image consistency (weight 1 as MIC, or off); its mask ratio around MIC's 0.7
+    if trial.suggest_categorical("method.mic_weight", (0.0, 1.0)) > 0:
+        trial.suggest_float("method.mic_mask_ratio", 0.3, 0.9)

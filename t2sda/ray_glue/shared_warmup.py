@@ -18,14 +18,14 @@ from t2sda.settings import flatten
 from t2sda.state import uses_pull
 
 # Method keys read only once adaptation has started: before it, the pull's weight is 0 (its
-# ramp starts at self_training_start), no pseudo label or mixed image is made, and class
-# weights (the score itself is updated all along) are only read by the pull.
+# ramp starts at self_training_start), no pseudo label, mixed or MIC-masked image is made, and
+# class weights (the score itself is updated all along) are only read by the pull.
 AFTER_ADAPTATION = frozenset(f"method.{key}" for key in (
     "pseudo_threshold", "pseudo_weight", "pseudo_ignore_top", "pseudo_ignore_bottom", "mix",
     "pull_weight", "pull_warmup", "pull_temperature", "pull_source_pixels", "pull_target_pixels",
     "pull_target_threshold", "pull_keys", "pull_key_net", "proto_momentum", "negatives",
     "negative_sampling", "num_queries", "num_negatives", "query_aug", "weight_gamma",
-    "weight_schedule", "weight_warmup",
+    "weight_schedule", "weight_warmup", "mic_weight", "mic_mask_ratio", "mic_block", "mic_augment",
 )) | {"adapt_seed"}  # the seed of adaptation alone (replicates of a search share the warm-up)
 # The teacher tracks the student during the warm-up; with method.teacher_reset it is copied
 # from the student when adaptation starts, and its momentum acts only after.
