@@ -20,6 +20,7 @@ from t2sda.method.mixing import class_mix_mask, mix, strong_augment
 from t2sda.method.pseudo_label import pseudo_label
 from t2sda.method.pull_loss import pull_loss, sample_index
 from t2sda.method.translate import translate
+from t2sda.models import IMAGENET_MEAN
 from t2sda.state import TrainState
 
 IGNORE = 255
@@ -149,7 +150,7 @@ def train_step(
     if masking:
         mic_img = strong_augment(tgt_img) if m.mic_augment else tgt_img
         mic_img = mask_image(mic_img, block_mask(b, h, w, ratio=m.mic_mask_ratio, block=m.mic_block,
-                                                 device=device))
+                                                 device=device), IMAGENET_MEAN)
 
     # 4. Student: one forward over every image it learns from (one graph, one backward).
     # Queries: target-like source pixels (labels y_s) and, optionally, confident target

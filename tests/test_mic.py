@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from t2sda.config import ConfigError
 from t2sda.data.loaders import build_datasets
 from t2sda.method.masking import block_mask, mask_image
+from t2sda.models import IMAGENET_MEAN
 from t2sda.state import build_state
 from t2sda.step import train_step
 
@@ -51,7 +52,7 @@ def test_masked_image_is_zero_after_the_models_normalisation():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(3, 3, 16, 16, generator=g)
     mask = (torch.rand(3, 1, 16, 16, generator=g) > 0.7).float()
-    seen = (mask_image(img, mask) - MEAN) / STD
+    seen = (mask_image(img, mask, IMAGENET_MEAN) - MEAN) / STD
     assert torch.allclose(seen, (img - MEAN) / STD * mask, atol=1e-6)
 
 

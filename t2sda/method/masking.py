@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2sda.models import IMAGENET_MEAN
-
 
 @torch.no_grad()
 def block_mask(batch: int, height: int, width: int, *, ratio: float, block: int,
@@ -26,7 +24,8 @@ def block_mask(batch: int, height: int, width: int, *, ratio: float, block: int,
     return F.interpolate(visible, size=(height, width), mode="nearest")
 
 
-def mask_image(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] with hidden pixels set to the mean colour (0 once normalised)."""
-    fill = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+def mask_image(images: torch.Tensor, mask: torch.Tensor, mean: tuple[float, ...]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] with hidden pixels set to the model's normalisation ``mean``
+    colour (0 once normalised)."""
+    fill = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return torch.where(mask.bool(), images, fill)
