@@ -27,38 +27,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pull  # noqa: E402
 
+from t2sda import stats  # noqa: E402
+
 BASELINE, MIC = "t2sda", "mic"
 bench_pull.VARIANTS[MIC] = ("+ MIC: masked target, teacher pseudo labels (weight 1, ratio 0.7)",
                             ["method.mic_weight=1"])
 
 
 def paired(base: list[float], other: list[float]) -> dict:
-    """Mean and std of each, the per-seed differences, their mean, a 95 % t interval and the
-    paired t-test's p (None with fewer than two pairs)."""
-    from scipy import stats
-
+    """Mean and std of each, the per-seed differences (MIC - T2S-DA), their mean, the 95 % t
+    interval and the paired t-test's p (t2sda.stats; None with fewer than two pairs)."""
     diff = [b - a for a, b in zip(base, other, strict=True)]
     out = {"base_mean": statistics.mean(base), "mean": statistics.mean(other),
            "base_std": statistics.stdev(base) if len(base) > 1 else 0.0,
            "std": statistics.stdev(other) if len(other) > 1 else 0.0,
-           "diffs": diff, "diff_mean": statistics.mean(diff), "ci95": None, "p": None}
+           "diffs": diff, "diff_mean": statistics.mean(diff), "ci95": None, "p": None,
+           "verdict": "one seed: no test"}
     if len(diff) > 1:
-        sd = statistics.stdev(diff)
-        half = stats.t.ppf(0.975, len(diff) - 1) * sd / len(diff) ** 0.5
-        out["ci95"] = [out["diff_mean"] - half, out["diff_mean"] + half]
-        out["p"] = float(stats.ttest_rel(other, base).pvalue) if sd > 0 else None
+        d = stats.paired(other, base)
+        out.update(ci95=[d.ci_low, d.ci_high], p=d.p_t if d.std > 0 else None,
+                   verdict={"better": "MIC better, beyond seed noise",
+                            "worse": "MIC worse, beyond seed noise"}.get(
+                       stats.verdict(d), "no difference beyond seed noise"))
     return out
 
 
 def verdict(s: dict) -> str:
-    if s["ci95"] is None:
-        return "one seed: no test"
-    low, high = s["ci95"]
-    if low > 0:
-        return "MIC better, beyond seed noise"
-    if high < 0:
-        return "MIC worse, beyond seed noise"
-    return "no difference beyond seed noise"
+    return s["verdict"]
 
 
 def table(summary: dict) -> str:
