@@ -45,7 +45,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return None if denom == 0 else (rx @ ry / denom).item()
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -55,18 +55,18 @@ def selection(rows) -> dict[str, dict]:
     ok = [r for r in rows if r.status != "ERROR"]
     out = {}
     for name in LABEL_FREE:
-        scored = [r for r in ok if _finite(r.scores.get(name))]
+        scored = [r for r in ok if finite(r.scores.get(name))]
         if not scored:
             continue
         sign = 1.0 if DIRECTIONS[name] == "max" else -1.0
         picked = max(scored, key=lambda r: sign * r.scores[name])  # first of ties
-        labelled = [r for r in scored if _finite(r.scores.get("target_miou"))]
+        labelled = [r for r in scored if finite(r.scores.get("target_miou"))]
         rho = spearman([sign * r.scores[name] for r in labelled],
                        [r.scores["target_miou"] for r in labelled])
         out[name] = {"mode": DIRECTIONS[name], "spearman": rho, "picked_trial": picked.trial_id,
                      "picked_target_miou": picked.scores.get("target_miou"),
                      "trials": len(scored)}
-    best = [r for r in ok if _finite(r.scores.get("target_miou"))]
+    best = [r for r in ok if finite(r.scores.get("target_miou"))]
     if best and out:
         top = max(best, key=lambda r: r.scores["target_miou"])
         out["target_miou"] = {"mode": "max", "spearman": 1.0, "picked_trial": top.trial_id,
@@ -105,7 +105,7 @@ def _figure(rows, table: dict[str, dict]) -> Figure:
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     ok = [r for r in rows if r.status != "ERROR"]
     for ax, name in zip(axes, names):
-        pts = [r for r in ok if _finite(r.scores.get(name)) and _finite(r.scores.get("target_miou"))]
+        pts = [r for r in ok if finite(r.scores.get(name)) and finite(r.scores.get("target_miou"))]
         ax.scatter([r.scores[name] for r in pts], [r.scores["target_miou"] for r in pts],
                    color="tab:blue", alpha=0.8)
         pick = [r for r in pts if r.trial_id == table[name]["picked_trial"]]

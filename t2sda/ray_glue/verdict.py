@@ -10,25 +10,21 @@ None if the run failed) and ``target_miou`` (best-so-far target mIoU, None witho
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from t2sda import stats
 from t2sda.ray_glue.report import atomic_write
+from t2sda.ray_glue.selection import finite
 
 DEFAULT = "default"
 SEED_KINDS = {"adaptation": "adapt_seed: data order and sampling after the shared warm-up",
               "full": "seed: initialisation, warm-up, data and sampling"}
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _by_seed(replicates: list[dict], label: str, key: str) -> dict[int, float]:
-    return {r["seed"]: float(r[key]) for r in replicates if r["config"] == label and _finite(r.get(key))}
+    return {r["seed"]: float(r[key]) for r in replicates if r["config"] == label and finite(r.get(key))}
 
 
 def _compare(replicates, labels, key: str, mode: str) -> dict:
@@ -44,6 +40,7 @@ def _compare(replicates, labels, key: str, mode: str) -> dict:
             configs[label] = {"n": len(values), "values": {str(k): v for k, v in values.items()},
                               "error": str(err)}
     ref = _by_seed(replicates, DEFAULT, key)
+    tested = {}  # label -> stats.Difference, for Holm and the verdict
     for label in labels:
         if label == DEFAULT:
             continue
@@ -55,15 +52,12 @@ def _compare(replicates, labels, key: str, mode: str) -> dict:
         except stats.StatsError as err:
             diffs[label] = {"n": len(seeds), "error": str(err), "verdict": "cannot say"}
             continue
+        tested[label] = d
         diffs[label] = {"n": d.n, "seeds": seeds, "mean": d.mean, "std": d.std,
                         "ci": [d.ci_low, d.ci_high], "p_t": d.p_t, "p_wilcoxon": d.p_wilcoxon,
                         "p_sign": d.p_sign, "smallest_significant": stats.smallest_significant(d.std, d.n)}
-    tested = [label for label in diffs if "p_t" in diffs[label]]
-    for label, p in zip(tested, stats.holm([diffs[x]["p_t"] for x in tested])):
-        row = diffs[label]
-        row["p_holm"] = p
-        d = stats.Difference(row["n"], True, row["mean"], row["std"], *row["ci"], row["p_t"])
-        row["verdict"] = stats.verdict(d, mode=mode, p=p)
+    for (label, d), p in zip(tested.items(), stats.holm([d.p_t for d in tested.values()])):
+        diffs[label].update(p_holm=p, verdict=stats.verdict(d, mode=mode, p=p))
     return {"configs": configs, "vs_default": diffs}
 
 
@@ -76,7 +70,7 @@ def confirm(replicates: list[dict], labels: list[str], *, metric: str, mode: str
            "Wilcoxon signed-rank and sign tests reported, they cannot reach p < 0.05 below 6 pairs",
            "candidates": candidates, "replicates": replicates, "default_ranked_first": default_ranked_first,
            **_compare(replicates, labels, "value", mode)}
-    if metric != "val/best_mIoU" and any(_finite(r.get("target_miou")) for r in replicates):
+    if metric != "val/best_mIoU" and any(finite(r.get("target_miou")) for r in replicates):
         out["target_miou"] = _compare(replicates, labels, "target_miou", "max")
     out["verdict"] = verdict_line(out)
     return out
