@@ -130,7 +130,7 @@ def run(rows: list[TrialRow], *, reference: dict, top: int, seeds: int, kind: st
         row = chosen[label]
         for k in range(seeds):
             seed = seed_overrides(kind, base, k)
-            value = seed[next(iter(seed))]
+            [value] = seed.values()
             if k == 0 and reusable(row, base, confirm_set):
                 replicates.append({"config": label, "seed": value, "value": row.value,
                                    "target_miou": row.scores.get("target_miou"),

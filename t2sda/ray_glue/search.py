@@ -162,8 +162,8 @@ def run(args) -> int:
     if args.list_spaces:
         print(_list_spaces(args))
         return 0
-    search_preset(args.preset or "digits").with_overrides(args.set)  # bad input: before all else
-    search_preset(args.preset or "digits").with_overrides(args.confirm_set or [])
+    preset = search_preset(args.preset or "digits")  # bad input: before all else
+    preset.with_overrides(args.set).with_overrides(args.confirm_set or [])  # as confirm applies it
     tune_spaces.load(args.space)
     name = args.name or f"{args.space}-{args.preset or 'digits'}"
     remote = "://" in args.storage and not args.storage.startswith("file://")
@@ -208,6 +208,7 @@ def run(args) -> int:
         # small, would leave a full CPU short for the last trial's worker), just a token of
         # memory (Tune wants some resource). Tune does not count the Train workers.
         {"cpu": 0, "memory": 64 * 2**20})
+    grace, rf = _grace(args, space, base), args.reduction_factor or space.reduction_factor
     if args.resume and tune.Tuner.can_restore(exp_path):
         log.info("resuming experiment %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
@@ -222,8 +223,8 @@ def run(args) -> int:
         # its workers' resources may linger until Ray notices).
         # The preset's own point always runs to the end: it is the reference of the verdict.
         scheduler = (confirm.ReferenceASHA(reference=reference, time_attr="step",
-                                           max_t=base.train.iters + 1, grace_period=_grace(args, space, base),
-                                           reduction_factor=_rf(args, space))
+                                           max_t=base.train.iters + 1, grace_period=grace,
+                                           reduction_factor=rf)
                      if args.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
@@ -243,7 +244,7 @@ def run(args) -> int:
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
-    rungs = (milestones(_grace(args, space, base), _rf(args, space), base.train.iters + 1)
+    rungs = (milestones(grace, rf, base.train.iters + 1)
              if args.scheduler == "asha" else None)
     code, rows = summarize(grid, space, metric, mode, base, log_root, exp_path, searcher,
                            num_samples, full_iters=full, rungs=rungs)
@@ -256,10 +257,6 @@ def run(args) -> int:
                                  f"{exp_path}/confirm" if remote else None,
                                  concurrent=concurrent, local=started))
     return code
-
-
-def _rf(args, space) -> int:
-    return args.reduction_factor or space.reduction_factor
 
 
 def _list_spaces(args) -> str:
