@@ -47,9 +47,14 @@ def _parser() -> argparse.ArgumentParser:
                        "available, else cpu)")
     ray_args = train.add_argument_group("Ray Train (DDP over workers; global batch = "
                                         "data.batch_size x workers, see optim.lr_scaling)")
-    ray_args.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 (default) "
-                          "trains in this process. Joins RAY_ADDRESS / a `ray start` cluster, "
-                          "else starts a local one. Re-running on the same --run-dir resumes")
+    ray_args.add_argument("--workers", default="0", metavar="N|MIN-MAX", help="Ray Train workers; "
+                          "0 (default) trains in this process; MIN-MAX: elastic, the run continues "
+                          "on fewer workers when a node is lost and grows back when one returns. "
+                          "Joins RAY_ADDRESS / a `ray start` cluster, else starts a local one. "
+                          "Re-running on the same --run-dir resumes")
+    ray_args.add_argument("--placement", choices=("pack", "spread"), default="pack",
+                          help="workers on as few nodes as fit (pack, default) or one per node "
+                          "(spread)")
     ray_args.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     ray_args.add_argument("--cpus-per-worker", type=float, default=1, metavar="K",
                           help="CPUs reserved per worker (default 1; more for data loaders)")
@@ -120,9 +125,11 @@ def _train(args) -> int:
     from t2sda.train import train
 
     _requested(args, get_preset("digits"))  # bad --preset/--config/--set: an error on every rank
-    if args.workers < 0:
-        raise UsageError(f"--workers {args.workers}: must be >= 0 (0 trains in this process)")
-    if args.workers > 0:
+    try:
+        args.workers = settings.parse_workers(args.workers, "--workers", minimum=0)
+    except ConfigError as err:
+        raise UsageError(f"{err} (0 trains in this process)") from None
+    if args.workers != 0:
         return _train_ray(args)
     if args.gpu:
         raise UsageError("--gpu needs --workers N (in this process, use --device cuda)")
@@ -189,14 +196,14 @@ def _train_ray(args) -> int:
     try:
         metrics = driver.fit(cfg, run_dir=run_dir, workers=args.workers, use_gpu=args.gpu,
                              cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-                             callbacks=None)
+                             placement=args.placement, callbacks=None)
     except driver.TrainingFailed as err:
         print(f"t2sda: error: {err}", file=sys.stderr)
         return err.exit_code
     if metrics:
         log.info("done: val/mIoU %.2f (teacher %.2f) at step %d on %d workers; %s",
-                 metrics["val/mIoU"], metrics["val/mIoU_teacher"], metrics["step"], args.workers,
-                 run_dir)
+                 metrics["val/mIoU"], metrics["val/mIoU_teacher"], metrics["step"],
+                 metrics.get("dist/world_size", 1), run_dir)
     return 0
 
 

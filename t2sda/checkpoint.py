@@ -58,15 +58,15 @@ def load(path: str | Path) -> dict:
     return payload
 
 
-def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories under ``root``, oldest first."""
+def step_dirs(root: str | Path, marker: str = STATE_FILE) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories under ``root`` (holding ``marker``), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
+        if match and (child / marker).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 

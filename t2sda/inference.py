@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2sda import checkpoint
+from t2sda import checkpoint, remote
 from t2sda.checkpoint import CheckpointError
 from t2sda.config import Config, ConfigError
 from t2sda.data import digits, labels
@@ -40,23 +40,24 @@ def class_names(cfg: Config) -> tuple[str, ...]:
     return names[:cfg.data.num_classes] if cfg.data.num_classes else names
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
+def checkpoint_dirs(run_dir: Path, *, marker: str = checkpoint.STATE_FILE) -> list[Path]:
     """A run's checkpoint directories, oldest first, in any of the three layouts.
 
     In-process runs keep ``checkpoints/step_N/``; Ray Train runs and a search's trial dirs keep
-    Ray's ``checkpoint_<time>/`` (with the same ``state.pt`` + ``meta.json`` inside).
+    Ray's ``checkpoint_<time>/`` (with the same ``state.pt`` + ``meta.json`` inside; ``marker``
+    is the file that must be there: ``meta.json`` in a local copy of a run in a bucket).
     """
-    found = [path for _, path in checkpoint.step_dirs(run_dir / "checkpoints")]
-    ray_dirs = [p for p in run_dir.glob("checkpoint_*") if (p / checkpoint.STATE_FILE).is_file()]
+    found = [path for _, path in checkpoint.step_dirs(run_dir / "checkpoints", marker)]
+    ray_dirs = [p for p in run_dir.glob("checkpoint_*") if (p / marker).is_file()]
     found += sorted(ray_dirs, key=lambda p: (checkpoint.meta(p).get("step") or -1, p.name))
     return found
 
 
-def pick_checkpoint(run_dir: Path, which: str) -> Path:
+def pick_checkpoint(run_dir: Path, which: str, *, marker: str = checkpoint.STATE_FILE) -> Path:
     """``best`` (highest val mIoU in meta.json; newest on ties), ``latest`` or ``step_N``."""
     if not run_dir.is_dir():
         raise CheckpointError(f"--run-dir {run_dir}: not found")
-    dirs = checkpoint_dirs(run_dir)
+    dirs = checkpoint_dirs(run_dir, marker=marker)
     if not dirs:
         raise CheckpointError(f"--run-dir {run_dir}: unknown layout, no checkpoints/step_N/ or "
                               "Ray checkpoint_*/ directory with a state.pt")
@@ -90,13 +91,18 @@ def load_trained(*, run_dir: str | Path | None = None, which: str = "best",
     """Build the config's segmentor(s) and load trained weights into them (eval mode).
 
     Either ``run_dir`` (its ``config.json`` unless ``config`` is given, and the checkpoint
-    ``which`` names) or ``checkpoint_path`` with ``config``.
+    ``which`` names) or ``checkpoint_path`` with ``config``. A ``run_dir`` in a bucket
+    (``s3://...``) is read through a local copy of its logs and of the chosen checkpoint.
     """
     if model not in MODELS:
         raise ConfigError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
-    if run_dir is not None:
+    if run_dir is not None and remote.is_uri(run_dir):
+        uri, run_dir = str(run_dir).rstrip("/"), remote.mirror_run(str(run_dir))
+        path = remote.fetch_checkpoint(uri, run_dir, pick_checkpoint(run_dir, which, marker="meta.json"))
+    elif run_dir is not None:
         run_dir = Path(run_dir)
         path = pick_checkpoint(run_dir, which)
+    if run_dir is not None:
         if config is None:
             if not (run_dir / "config.json").is_file():
                 raise ConfigError(f"--run-dir {run_dir}: no config.json (pass --config or --preset)")

@@ -60,3 +60,31 @@ def reconcile(stored: dict, requested: dict, *, change: bool, where: Path, what:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "what": what,
                             "changes": changes}) + "\n")
     return requested
+
+
+def parse_workers(text: str, flag: str, *, minimum: int = 1) -> int | tuple[int, int]:
+    """``N`` or ``MIN-MAX`` (an elastic run: Ray Train starts with what fits between the two
+    and resizes as nodes come and go); a ConfigError naming ``flag`` otherwise."""
+    parts = str(text).strip().split("-")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2):
+        raise ConfigError(f"{flag} {text!r}: expected a number N or a range MIN-MAX, e.g. 2-4")
+    if len(numbers) == 1:
+        if numbers[0] < minimum:
+            raise ConfigError(f"{flag} {text}: must be >= {minimum}")
+        return numbers[0]
+    low, high = numbers
+    if low < 1 or high < low:
+        raise ConfigError(f"{flag} {text}: a range needs 1 <= MIN <= MAX")
+    return low if low == high else (low, high)
+
+
+def most_workers(workers: int | tuple[int, int]) -> int:
+    return workers[1] if isinstance(workers, tuple) else workers
+
+
+def fewest_workers(workers: int | tuple[int, int]) -> int:
+    return workers[0] if isinstance(workers, tuple) else workers

@@ -57,6 +57,7 @@ class TrainState:
     # Frozen helpers, rebuilt from the config at every start, never checkpointed.
     style: StyleRandomizer | None = None  # method.translate=style
     imnet: FrozenBackbone | None = None  # method.fd_weight > 0: the pretrained backbone
+    lr_scaling: str = "none"  # optim.lr_scaling: how the lr follows the number of workers
 
     def state_dict(self) -> dict:
         return {
@@ -66,16 +67,28 @@ class TrainState:
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "weighter": self.weighter.state_dict(),
             "step": self.step,
+            "world_size": dist.world_size(),  # the lr above was scaled for this many workers
         }
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.student).load_state_dict(state["student"])
         self.teacher.model.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._rescale_lr(state.get("world_size") or dist.world_size())
         if self.bank is not None and state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
         self.weighter.load_state_dict(state["weighter"])
         self.step = state["step"]
+
+    def _rescale_lr(self, saved_world: int) -> None:
+        """An elastic run resumed on another number of workers keeps each worker's batch, so
+        its global batch changes: the lr the checkpoint holds (scaled for ``saved_world``
+        workers) is rescaled by ``optim.lr_scaling`` for the workers there are now."""
+        factor = lr_scale(self.lr_scaling, dist.world_size()) / lr_scale(self.lr_scaling, saved_world)
+        if factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] *= factor
+                group["lr"] *= factor
 
 
 def lr_scale(rule: str, world_size: int) -> float:
@@ -156,7 +169,7 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
     )
     student = wrap(network) if wrap is not None else network
     return TrainState(student, teacher, optimizer, bank, weighter, num_classes,
-                      style=build_style(cfg, device), imnet=imnet)
+                      style=build_style(cfg, device), imnet=imnet, lr_scaling=cfg.optim.lr_scaling)
 
 
 def build_style(cfg: Config, device: torch.device) -> StyleRandomizer | None:

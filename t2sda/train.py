@@ -272,6 +272,7 @@ def _loop(state, streams_at, data, cfg, device, run_dir, logger, report, monitor
             best, previous = metrics.get("val/best_mIoU", -math.inf), metrics
             metrics = {"step": step, **_validate(state, data, cfg, device,
                                                  monitor.observe if monitor is not None else None),
+                       "dist/world_size": world,  # an elastic run's changes as it resizes
                        "perf/steps_per_s": total_steps / total_time,
                        "perf/images_per_s": 2 * b * world * total_steps / total_time}
             metrics["val/best_mIoU"] = max(best, metrics["val/mIoU"])

@@ -103,11 +103,16 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=True, object_store_memory=100 * 2**20,
+    # Ray's state API clients (Train's placement-group cleaner) look for "a" local Ray: with a
+    # second cluster on this machine (tests/test_multinode.py) they must find this one.
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=port, object_store_memory=100 * 2**20,
              log_to_driver=False)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     ray.shutdown()
 
 
@@ -124,3 +129,21 @@ def run_dir(tmp_path_factory):
     state = build_state(cfg, num_classes=11, device=torch.device("cpu"))
     checkpoint.save(root / "checkpoints" / "step_7", {"state": state.state_dict(), "step": 7}, score=1.0)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (tests/multinode.py), its endpoint and keys exported the
+    way a MinIO user would export them, for this process and its subprocesses."""
+    from tests.multinode import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

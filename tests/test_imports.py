@@ -76,7 +76,8 @@ def test_library_never_imports_the_cli():
 LAYERS = [
     {"config": ["t2sda.config", "t2sda.config_parse"],
      "helpers": ["t2sda", "t2sda.dist", "t2sda.schedules", "t2sda.checkpoint", "t2sda.tb",
-                 "t2sda.validators", "t2sda.diagnostics", "t2sda.stats"]},  # stats: seed statistics
+                 "t2sda.validators", "t2sda.diagnostics", "t2sda.stats",  # stats: seed statistics
+                 "t2sda.remote"]},  # remote: runs in buckets
     {"data": ["t2sda.data."], "models": ["t2sda.models."], "method": ["t2sda.method."],
      "presets": ["t2sda.presets", "t2sda.settings"], "perf": ["t2sda.perf"], "scoring": ["t2sda.scoring"],
      "model_export": ["t2sda.model_export"], "spaces": ["tune_spaces."]},

@@ -268,15 +268,17 @@ def test_trial_status_and_config_fall_back_loudly(caplog):
     assert "method.pull_weight=-1" in caplog.records[1].getMessage()
 
 
-def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path):
+def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path, caplog):
     """The warm-up runs alone: on the local CPU cluster its worker gets the CPUs of all the
-    concurrent trials (Ray then gives it that many threads)."""
+    concurrent trials (Ray then gives it that many threads). A record whose checkpoint is gone
+    is stale: the warm-up is trained again, never handed to the trials."""
     import argparse
+    import shutil
     import types
 
     import tune_spaces
     from t2sda.presets import get_preset
-    from t2sda.ray_glue import driver
+    from t2sda.ray_glue import driver, exp_state, search_warmup
 
     calls = []
 
@@ -288,17 +290,25 @@ def test_warmup_takes_the_cpus_its_trials_will_share(monkeypatch, tmp_path):
 
     monkeypatch.setattr(driver, "fit_result", fake_fit)
     monkeypatch.setattr(driver, "last_metrics", lambda run_dir: {})
-    args = argparse.Namespace(workers_per_trial=1, gpu=False, cpus_per_worker=1.5, max_failures=0)
+    args = argparse.Namespace(workers_per_trial=1, gpu=False, cpus_per_worker=1.5, max_failures=0,
+                              placement="pack")
     space = tune_spaces.load("pull_loss", adaptation_steps=600)
     drawn = tune_spaces.draw(space, 20, seed=1)
-    cases = ((2, True, tmp_path / "two"), (1, True, tmp_path / "one"),
-             (2, False, tmp_path / "joined"))  # a cluster it joined: nodes may be smaller
-    for concurrent, local, root in cases:
-        cfg, warmup = search._shared_warmup(args, get_preset("digits"), drawn, root, None,
-                                            concurrent=concurrent, local=local)
-        assert warmup["checkpoint"] == str(root / "warmup" / "checkpoint_x")
+    cases = ((2, True, "two"), (1, True, "one"), (2, False, "joined"))  # joined: nodes may be smaller
+    for concurrent, local, name in cases:
+        exp = exp_state.Experiment(str(tmp_path), name)
+        cfg, warmup = search_warmup.run(args, get_preset("digits"), drawn, exp,
+                                        concurrent=concurrent, local=local)
+        assert warmup["checkpoint"] == str(tmp_path / name / "warmup" / "checkpoint_x")
         assert calls[-1]["stop_at"] == 600 and calls[-1]["workers"] == 1
     assert [c["cpus_per_worker"] for c in calls] == [3.0, 1.5, 1.5]
+
+    exp = exp_state.Experiment(str(tmp_path), "one")  # found again: not retrained
+    search_warmup.run(args, get_preset("digits"), drawn, exp, concurrent=1, local=True)
+    assert len(calls) == 3
+    shutil.rmtree(tmp_path / "one" / "warmup")  # its checkpoint gone: the record is stale
+    search_warmup.run(args, get_preset("digits"), drawn, exp, concurrent=1, local=True)
+    assert len(calls) == 4 and "not there any more" in caplog.text
 
 
 def test_list_spaces_shows_the_ranges_a_search_of_the_preset_uses(capsys):

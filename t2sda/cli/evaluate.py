@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from t2sda import predictions
+from t2sda import predictions, remote
 from t2sda.config import Config, ConfigError
 from t2sda.inference import MODELS, load_trained
 from t2sda.presets import PRESETS, get_preset
@@ -70,8 +70,8 @@ def load_from_args(args):
         raise ConfigError("--config and --preset: pass one of them")
     cfg = Config.load(args.config) if args.config else get_preset(args.preset) if args.preset else None
     if cfg is None and args.run_dir and args.set:
-        cfg = Config.load(Path(args.run_dir) / "config.json") if (Path(args.run_dir) / "config.json"
-                                                                 ).is_file() else None
+        local = remote.mirror_run(args.run_dir) if remote.is_uri(args.run_dir) else Path(args.run_dir)
+        cfg = Config.load(local / "config.json") if (local / "config.json").is_file() else None
     if cfg is not None and args.set:
         cfg = cfg.with_overrides(args.set)
     try:
@@ -87,6 +87,8 @@ def load_from_args(args):
 def _out_dir(args) -> Path:
     if args.out:
         out = Path(args.out)
+    elif args.run_dir and remote.is_uri(args.run_dir):  # beside the local copy; uploaded after
+        out = remote.local_path(args.run_dir) / "eval"
     elif args.run_dir:
         out = Path(args.run_dir) / "eval"
     else:
@@ -251,4 +253,7 @@ def main(args) -> int:
         confusion_png(conf, class_names, png, f"{name} step {trained.step}: mIoU {results[name]['mIoU']:.2f}")
     print(_table(results, class_names))
     log.info("wrote %s%s", out / "eval.json", f" and predictions under {args.save_pred}" if targets else "")
+    if args.run_dir and remote.is_uri(args.run_dir) and not args.out:
+        remote.upload(out, f"{args.run_dir.rstrip('/')}/eval")
+        log.info("and %s/eval/eval.json", args.run_dir.rstrip("/"))
     return 0

@@ -19,10 +19,11 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+import t2sda.remote
 from t2sda.config import Config
 from t2sda.ray_glue import verdict
 from t2sda.ray_glue.report import TrialRow
-from t2sda.ray_glue.trial import run_replicate
+from t2sda.ray_glue.trial import TRIAL_RESOURCES, run_replicate
 
 log = logging.getLogger("t2sda")
 
@@ -99,10 +100,7 @@ def after_search(args, rows: list[TrialRow], *, reference: dict, base: Config, m
     if owned:  # its workers' last log lines arrive late: the verdict must come after them
         ray.shutdown()
     if remote:  # the verdict beside the trials in the bucket
-        import pyarrow.fs
-        for name in ("confirm.json", "confirm.png", "best_config.json"):
-            if (log_root / name).exists():
-                pyarrow.fs.copy_files(str(log_root / name), f"{exp_path}/{name}")
+        t2sda.remote.upload(log_root, exp_path, names=["confirm.json", "confirm.png", "best_config.json"])
     print(verdict.format_table(result))
     print(f"confirmation: {log_root}/confirm.json, confirm.png; TensorBoard: "
           f"tensorboard --logdir {log_root}/confirm/tensorboard")
@@ -163,7 +161,7 @@ def _train(runs: list[dict], base: Config, metric: str, mode: str, *, where: str
     trainable = tune.with_resources(
         tune.with_parameters(run_replicate, base=base.to_dict(), exp_path=str(log_root),
                              storage=where if remote else None, **options),
-        {"cpu": 0, "memory": 64 * 2**20})  # as the search's trials: the workers hold the CPUs
+        TRIAL_RESOURCES)  # as the search's trials: the workers hold the CPUs
     if resume and tune.Tuner.can_restore(where):
         tuner = tune.Tuner.restore(where, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -186,6 +184,6 @@ def _train(runs: list[dict], base: Config, metric: str, mode: str, *, where: str
         out.append({"config": run.get("label"), "seed": run.get("seed"),
                     "value": value if result.error is None else None,
                     "target_miou": metrics.get("val/best_mIoU") if result.error is None else None,
-                    "run_dir": f"{log_root}/train-{trial_id}", "from": "confirm",
+                    "run_dir": f"{where if remote else log_root}/train-{trial_id}", "from": "confirm",
                     **({"error": str(result.error).strip().splitlines()[-1][:300]} if result.error else {})})
     return out

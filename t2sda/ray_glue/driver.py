@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from t2sda.config import Config, ConfigError
 from t2sda.ray_glue.worker import train_loop_per_worker
+from t2sda.settings import fewest_workers
 
 log = logging.getLogger("t2sda")
 
@@ -56,8 +57,26 @@ def connect(*, dashboard: bool = True) -> bool:
     # preemption watcher (one more actor per run, started before the workers begin) has
     # nothing to watch. Workers inherit this environment; a user's own setting wins.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    ray.init(include_dashboard=dashboard)
+    port = None
+    if dashboard and not os.environ.get(API_SERVER_ENV):
+        # Ray Train's placement-group cleaner finds the state API by looking for "a" local Ray;
+        # with two on this machine (two searches, a test cluster) it may watch the other one
+        # and leak a stopped trial's workers. Naming the dashboard pins it to this one.
+        port = _free_port()
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=dashboard, **({"dashboard_port": port} if port else {}))
     return True
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _ray_start_address() -> str | None:
@@ -107,9 +126,11 @@ def autoscaling() -> bool:
     return bool(_max_resources())
 
 
-def check_resources(*, workers: int, use_gpu: bool, cpus_per_worker: float,
+def check_resources(*, workers: int | tuple[int, int], use_gpu: bool, cpus_per_worker: float,
                     concurrent: int = 1) -> None:
-    """Fail now, with the missing resource named, rather than wait for workers never placed."""
+    """Fail now, with the missing resource named, rather than wait for workers never placed
+    (an elastic run, ``workers`` = (min, max), needs room for its minimum)."""
+    workers = fewest_workers(workers)
     need = {"CPU": workers * cpus_per_worker * concurrent}
     if use_gpu:
         need["GPU"] = workers * concurrent
@@ -136,9 +157,35 @@ def has_ray_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name.startswith("checkpoint") for p in run_dir.iterdir())
 
 
-def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}  # --placement -> Ray's placement strategy
+# Seconds between an elastic run's checks for room to grow (Ray's default 60).
+RESIZE_ENV = "T2SDA_ELASTIC_RESIZE_S"
+
+
+def scaling(workers: int | tuple[int, int], *, use_gpu: bool, cpus_per_worker: float,
+            placement: str = "pack") -> ray.train.ScalingConfig:
+    """Ray Train's ScalingConfig: ``workers`` N, or (MIN, MAX) for an elastic run; ``placement``
+    ``pack`` (a trial's workers on as few nodes as fit: DDP traffic stays inside a node) or
+    ``spread`` (one per node where there are nodes enough: a lost node costs a worker, not the
+    whole group, when the run is elastic)."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"--placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    elastic = {}
+    if isinstance(workers, tuple):
+        raw = os.environ.get(RESIZE_ENV, "60")
+        try:
+            interval = float(raw)
+        except ValueError:
+            raise ConfigError(f"{RESIZE_ENV}={raw!r}: expected seconds") from None
+        elastic = {"elastic_resize_monitor_interval_s": interval}
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                   placement_strategy=PLACEMENTS[placement], **elastic)
+
+
+def trainer(cfg: Config, *, run_dir: Path, workers: int | tuple[int, int], use_gpu: bool = False,
             cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None,
-            storage: str | None = None, placement_retries: int = 0,
+            storage: str | None = None, placement_retries: int = 0, placement: str = "pack",
             stop_at: int | None = None, init_from: str | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` in ``run_dir`` (absolute, on storage every node sees).
 
@@ -149,15 +196,14 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int, use_gpu: bool = False,
     resources may take a moment to come back). ``stop_at`` ends the run at that step;
     ``init_from`` is a checkpoint (path or URI) to start from while the run has none of its own.
     """
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     remote = storage is not None and "://" in storage
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
                            "sync_to": f"{storage}/{run_dir.name}" if remote else None,
                            "stop_at": stop_at, "init_from": init_from},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling(workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                               placement=placement),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
             storage_path=storage or str(run_dir.parent),

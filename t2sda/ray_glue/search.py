@@ -29,12 +29,12 @@ import tune_spaces
 from t2sda import validators
 from t2sda.config import Config, ConfigError
 from t2sda.presets import PRESETS, get_preset, search_preset
-from t2sda.ray_glue import confirm, driver, shared_warmup, tune_settings
+from t2sda.ray_glue import confirm, driver, exp_state, search_warmup, tune_settings
 from t2sda.ray_glue.rungs import milestones
 from t2sda.ray_glue.storage import check_storage
 from t2sda.ray_glue.summary import summarize
-from t2sda.ray_glue.trial import run_trial
-from t2sda.settings import flatten
+from t2sda.ray_glue.trial import TRIAL_RESOURCES, run_trial
+from t2sda.settings import flatten, most_workers, parse_workers
 
 log = logging.getLogger("t2sda")
 SEARCH_METRIC = {"val/mIoU": "val/best_mIoU"}  # the space's metric -> its best-so-far report
@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="trials (default: the space's budget)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the "
                    "cluster fits: GPUs, or CPUs, // (workers-per-trial x per-worker need))")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--workers-per-trial", default="1", metavar="N|MIN-MAX",
+                   help="Ray Train workers per trial; MIN-MAX: elastic, each trial starts with what "
+                   "fits and grows or shrinks with the cluster (default 1)")
+    p.add_argument("--placement", choices=tuple(driver.PLACEMENTS), default="pack",
+                   help="a trial's workers on as few nodes as fit (pack, default) or one per "
+                   "node (spread)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per Train worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per Train worker (NCCL)")
     p.add_argument("--storage", default="runs/tune", help="experiments root: a path, or a URI "
@@ -102,7 +107,11 @@ def _check_args(args) -> None:
         return
     if not args.space:
         raise UsageError("--space is required (available: " + ", ".join(tune_spaces.available()) + ")")
-    for flag in ("num_samples", "max_concurrent", "workers_per_trial", "grace_period"):
+    try:
+        args.workers_per_trial = parse_workers(args.workers_per_trial, "--workers-per-trial")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    for flag in ("num_samples", "max_concurrent", "grace_period"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
@@ -149,7 +158,8 @@ def _concurrency(args, num_samples: int) -> int:
         return args.max_concurrent
     have = driver.capacity()  # an autoscaling GPU cluster may start with no GPU node up
     unit = "GPU" if args.gpu else "CPU"
-    per_trial = args.workers_per_trial * (1 if args.gpu else args.cpus_per_worker)
+    # Room for each trial's largest worker group: an elastic trial may grow to its maximum.
+    per_trial = most_workers(args.workers_per_trial) * (1 if args.gpu else args.cpus_per_worker)
     return max(1, min(num_samples, int(have.get(unit, 0) // per_trial)))
 
 
@@ -166,13 +176,14 @@ def run(args) -> int:
     preset.with_overrides(args.set).with_overrides(args.confirm_set or [])  # as confirm applies it
     tune_spaces.load(args.space)
     name = args.name or f"{args.space}-{args.preset or 'digits'}"
-    remote = "://" in args.storage and not args.storage.startswith("file://")
-    local_root = None if remote else Path(args.storage.removeprefix("file://")).resolve()
-    if local_root is not None:  # refuse before starting Ray: quick, and nothing written
-        _check_experiment(local_root / name, resume=args.resume)
-    # The settings live in the experiment dir (remote storage: beside the local trial logs).
-    settings_dir = local_root / name if local_root else Path("runs/tune-logs").resolve() / name
-    chosen = tune_settings.resolve(args, settings_dir)
+    exp = exp_state.Experiment(args.storage, name)
+    remote = exp.uri is not None
+    if not remote:  # refuse before starting Ray: quick, and nothing written
+        _check_experiment(exp.local, resume=args.resume)
+    else:  # the bucket is reachable and writable, and holds what --resume needs (or nothing)
+        check_storage(args.storage, num_nodes=2)
+        exp.open(resume=args.resume, can_resume=lambda: tune.Tuner.can_restore(exp.uri))
+    chosen = tune_settings.resolve(args, exp.local)  # settings.json: in the experiment (a copy)
     base = Config.from_dict(chosen["config"])
     space = tune_spaces.load(args.space, adaptation_steps=_adaptation_steps(base))
     metric, mode = _search_metric(args.metric, space, base)
@@ -182,32 +193,28 @@ def run(args) -> int:
     started = driver.connect(dashboard=True)  # the state API cleans up stopped trials
     # An autoscaling cluster may grow past its present nodes: treat it as multi-node.
     nodes = 1 if started else max(_alive_nodes(), 2 if driver.autoscaling() else 1)
-    storage = check_storage(args.storage, num_nodes=nodes)
+    storage = check_storage(args.storage, num_nodes=nodes, probe=not remote)
     exp_path = f"{storage}/{name}"
-    if remote and args.resume and not tune.Tuner.can_restore(exp_path):
-        raise UsageError(f"--resume: no experiment to resume at {exp_path}")
     concurrent = _concurrency(args, num_samples)
     driver.check_resources(workers=args.workers_per_trial, use_gpu=args.gpu,
                            cpus_per_worker=args.cpus_per_worker, concurrent=concurrent)
 
-    # Each trial writes rank 0's logs to a local path (a URI storage gets them copied).
-    log_root = Path(exp_path) if not remote else Path("runs/tune-logs").resolve() / name
-    tune_settings.save(settings_dir, chosen)
+    # Rank 0 of each trial writes its logs to a local path (a bucket gets them copied).
+    log_root = exp.local
+    tune_settings.save(exp.local, chosen)
+    exp.push("settings.json", "changes.jsonl")
     drawn = tune_spaces.draw(space, 100, seed=1)  # the space's parameters and ranges
     warmup = None
     if args.shared_warmup:
-        base, warmup = _shared_warmup(args, base, drawn, log_root, exp_path if remote else None,
-                                      concurrent=concurrent, local=started)
+        base, warmup = search_warmup.run(args, base, drawn, exp, concurrent=concurrent, local=started)
     options = dict(workers=args.workers_per_trial, use_gpu=args.gpu, warmup=warmup,
-                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                   placement=args.placement)
     reference = _defaults(space, base, drawn)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), exp_path=str(log_root),
                              storage=exp_path if remote else None, **options),
-        # The driver only waits on its TorchTrainer: it takes no CPU (a CPU share, however
-        # small, would leave a full CPU short for the last trial's worker), just a token of
-        # memory (Tune wants some resource). Tune does not count the Train workers.
-        {"cpu": 0, "memory": 64 * 2**20})
+        TRIAL_RESOURCES)
     grace, rf = _grace(args, space, base), args.reduction_factor or space.reduction_factor
     if args.resume and tune.Tuner.can_restore(exp_path):
         log.info("resuming experiment %s", exp_path)
@@ -237,10 +244,12 @@ def run(args) -> int:
                                       progress_reporter=_reporter(metric, drawn)),
         )
     full = get_preset(args.preset).train.iters
-    log.info("search %s on %s: %d trials of %d steps%s, %d at a time, %d worker(s) each; "
+    workers = args.workers_per_trial
+    log.info("search %s on %s: %d trials of %d steps%s, %d at a time, %s worker(s) each (%s); "
              "TensorBoard: tensorboard --logdir %s", space.name, args.preset, num_samples,
              base.train.iters, f" (the preset's full run: {full})" if full != base.train.iters
-             else "", concurrent, args.workers_per_trial, exp_path)
+             else "", concurrent, "-".join(map(str, workers)) if isinstance(workers, tuple)
+             else workers, args.placement, exp_path)
     # Tune's classic table takes our columns; its newer one would print every reported metric.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
@@ -252,10 +261,9 @@ def run(args) -> int:
         confirm.after_search(args, rows, reference=reference, base=base, metric=metric, mode=mode,
                              exp_path=exp_path, log_root=log_root, remote=remote,
                              concurrent=concurrent, options=options, owned=owned,
-                             warmup_for=lambda cfg: _shared_warmup(
-                                 args, cfg, drawn, log_root / "confirm",
-                                 f"{exp_path}/confirm" if remote else None,
-                                 concurrent=concurrent, local=started))
+                             warmup_for=lambda cfg: search_warmup.run(
+                                 args, cfg, drawn, exp, sub="confirm", concurrent=concurrent,
+                                 local=started))
     return code
 
 
@@ -287,42 +295,6 @@ def _search_metric(name: str, space, base: Config) -> tuple[str, str]:
         raise UsageError(f"space {space.name}: metric {space.metric!r} is not reported "
                          f"(supported: {', '.join(SEARCH_METRIC)})")
     return metric, space.mode
-
-
-def _shared_warmup(args, base: Config, drawn: list, log_root: Path, storage: str | None, *,
-                   concurrent: int = 1, local: bool = False) -> tuple[Config, dict | None]:
-    """Train the source-only warm-up once (or find it done) when the space allows; returns the
-    trials' base config (with ``teacher_reset`` if the space needs it) and the warm-up.
-
-    The warm-up runs alone, so on a ``local`` CPU-only cluster (one node, started by this
-    search) its workers take the CPUs that ``concurrent`` trials will share: Ray gives a worker as many
-    threads as CPUs (unless train.threads is set), which changes results by float rounding
-    only (step 600 of digits: 33.77 against 33.84 mIoU on one thread). GPU workers keep one
-    GPU each (more workers would change the global batch), and on a cluster of several nodes
-    a wider worker might fit no node, so there it takes one trial's."""
-    searched = {name for trial in drawn for name in trial.distributions}
-    cfg, why = shared_warmup.plan(base, searched)
-    if cfg is None:
-        log.info("shared warm-up: off, %s", why)
-        return base, None
-    start = cfg.method.self_training_start
-    found = shared_warmup.load_record(log_root, cfg)
-    if found is None:
-        log.info("shared warm-up: training steps 0-%d once for every trial (%s; "
-                 "--no-shared-warmup turns this off)", start, why)
-        cpus = args.cpus_per_worker * (concurrent if local and not args.gpu else 1)
-        result = driver.fit_result(cfg, run_dir=log_root / "warmup", workers=args.workers_per_trial,
-                                   use_gpu=args.gpu, cpus_per_worker=cpus,
-                                   max_failures=args.max_failures, storage=storage, stop_at=start)
-        if result.checkpoint is None:
-            raise driver.TrainingFailed(f"shared warm-up in {log_root / 'warmup'}: no checkpoint "
-                                        "was saved; rerun with --no-shared-warmup")
-        name = Path(result.checkpoint.path).name
-        found = f"{storage}/warmup/{name}" if storage else result.checkpoint.path
-        shared_warmup.save_record(log_root, cfg, found, driver.last_metrics(log_root / "warmup"))
-    else:
-        log.info("shared warm-up: reusing %s (step %d)", found, start)
-    return cfg, {"config": cfg.to_dict(), "checkpoint": found}
 
 
 def _adaptation_steps(base: Config) -> int | None:

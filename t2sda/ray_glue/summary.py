@@ -10,7 +10,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from t2sda import validators
+from t2sda import remote, validators
 from t2sda.config import Config, ConfigError
 from t2sda.ray_glue import report, selection
 from t2sda.ray_glue.rungs import write_rungs
@@ -57,9 +57,9 @@ def summarize(grid, space, metric: str, mode: str, base: Config, out_dir: Path, 
         print(report.format_importances(report.importances(study, out_dir)))
     if rungs:
         print(write_rungs(histories, out_dir, iters=base.train.iters, rungs=rungs, mode=mode))
-    if "://" in exp_path:  # results beside the trials in the bucket
-        import pyarrow.fs
-        pyarrow.fs.copy_files(str(out_dir), exp_path)
+    if "://" in exp_path:  # results beside the trials in the bucket: the files written here,
+        # not the trials' local logs (the bucket's own copies are the complete ones)
+        remote.upload(out_dir, exp_path, names=sorted(p.name for p in out_dir.iterdir() if p.is_file()))
     print(f"results: {out_dir}/results.csv, best_config.json, summary.png, selection.json\n"
           f"train the best: python -m t2sda train --config {out_dir}/best_config.json\n"
           f"TensorBoard:    tensorboard --logdir {exp_path}")
@@ -124,6 +124,12 @@ def _study(searcher, exp_path: str):
     if searcher is None:
         searcher = OptunaSearch()
         try:
+            if "://" in exp_path:  # Tune's restore reads a local directory: copy its state here
+                import tempfile
+
+                local = tempfile.mkdtemp(prefix="t2sda-searcher-")
+                remote.download(exp_path, local, keep=lambda rel: rel.startswith("searcher-state"))
+                exp_path = local
             searcher.restore_from_dir(exp_path)
         except Exception as err:  # no searcher state saved: importances are optional
             log.warning("no Optuna state to read importances from (%s)", _first_line(err))

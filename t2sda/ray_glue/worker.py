@@ -10,14 +10,16 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.fs
+import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from t2sda import checkpoint
+from t2sda import checkpoint, remote
 from t2sda.config import Config
 from t2sda.train import train
 
@@ -55,6 +57,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     resume_dir = None
     restored, start = ray.train.get_checkpoint(), "resuming"
+    placement = _placement()
+    if main:
+        _say(placement)
+    if restored is not None and main and loop_config.get("sync_to"):
+        # The bucket holds the run's logs; this node may be a new one (the old one lost), whose
+        # disk has none: metrics.jsonl continues from the bucket's, never from an empty file.
+        remote.download(loop_config["sync_to"], run_dir, keep=remote.not_checkpoint)
     if restored is None and loop_config.get("init_from"):
         restored, start = ray.train.Checkpoint(loop_config["init_from"]), "starting after the shared warm-up"
     try:
@@ -69,6 +78,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def _placement() -> str:
+    """Where the workers run: "2 workers on 2 nodes (1 + 1)". A collective: every rank calls it."""
+    import torch.distributed as tdist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if tdist.is_available() and tdist.is_initialized():
+        nodes = [None] * tdist.get_world_size()
+        tdist.all_gather_object(nodes, node)
+    counts = Counter(nodes)
+    return (f"{len(nodes)} worker(s) on {len(counts)} node(s) "
+            f"({' + '.join(str(n) for n in counts.values())})")
 
 
 def _quiet_reports() -> None:
