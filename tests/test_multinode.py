@@ -168,3 +168,45 @@ def test_local_cluster_env_names_its_own_state_api(cluster):
     env = cluster.env()
     assert env["RAY_API_SERVER_ADDRESS"].endswith(str(cluster.dashboard_port))
     assert os.environ.get("RAY_ADDRESS") != env["RAY_ADDRESS"]
+
+
+def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster, tmp_path):
+    """`train --workers 1-2`: one worker per node (2 CPUs each, 2 per node), a node killed ->
+    the run continues on one worker from its last checkpoint, the node back -> two again;
+    metrics record the world size at each evaluation."""
+    run_dir = tmp_path / "elastic"
+    metrics = run_dir / "metrics.jsonl"
+    args = [sys.executable, "-m", "t2sda", "train", "--workers", "1-2", "--placement", "spread",
+            "--cpus-per-worker", "2", "--max-failures", "3", "--run-dir", str(run_dir),
+            "--set", *TINY_SEARCH, "train.iters=400", "train.eval_every=10", "train.checkpoint_every=10"]
+    log = open(tmp_path / "train.log", "w")
+    # Checks for room to grow every 2 s; a placement that cannot happen times out after 10 s.
+    env = cluster.env(T2SDA_ELASTIC_RESIZE_S="2", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def sizes() -> list[tuple[int, int]]:
+        rows = [json.loads(line) for line in _lines(metrics) if line.strip()] if metrics.exists() else []
+        return [(row["step"], row["dist/world_size"]) for row in rows]
+
+    try:
+        _wait_for(lambda: [s for s in sizes() if s[1] == 2], proc, "a report on two workers")
+        lost_at = time.monotonic()
+        cluster.kill_node("node2")
+        _wait_for(lambda: sizes() and sizes()[-1][1] == 1, proc, "a report on one worker")
+        shrunk_s, back_at = time.monotonic() - lost_at, time.monotonic()
+        cluster.add_node("node2", num_cpus=2)
+        _wait_for(lambda: sizes() and sizes()[-1][1] == 2, proc, "a report on two workers again")
+        grown_s = time.monotonic() - back_at
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+        if "node2" not in cluster.nodes:
+            cluster.add_node("node2", num_cpus=2)
+    steps, worlds = zip(*sizes())
+    assert list(steps) == list(range(10, 10 * len(steps) + 1, 10))  # continuous: each restart
+    changes = [w for i, w in enumerate(worlds) if i == 0 or worlds[i - 1] != w]  # resumed the log
+    assert changes == [2, 1, 2], worlds
+    print(f"\nelastic: node lost -> first report on 1 worker {shrunk_s:.1f} s; node back -> first "
+          f"report on 2 workers {grown_s:.1f} s (incl. the node's start); world sizes {worlds}")

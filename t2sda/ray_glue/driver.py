@@ -160,6 +160,7 @@ def has_ray_run(run_dir: Path) -> bool:
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}  # --placement -> Ray's placement strategy
 # Seconds between an elastic run's checks for room to grow (Ray's default 60).
 RESIZE_ENV = "T2SDA_ELASTIC_RESIZE_S"
+ELASTIC_PLACEMENT_RETRIES = 3
 
 
 def scaling(workers: int | tuple[int, int], *, use_gpu: bool, cpus_per_worker: float,
@@ -197,6 +198,11 @@ def trainer(cfg: Config, *, run_dir: Path, workers: int | tuple[int, int], use_g
     ``init_from`` is a checkpoint (path or URI) to start from while the run has none of its own.
     """
     remote = storage is not None and "://" in storage
+    if isinstance(workers, tuple):
+        # An elastic run restarted right after losing a node may ask for the workers it had
+        # before Ray has noticed the node is gone; that placement times out (Ray's worker
+        # group start timeout, 60 s by default) and the next try counts what is left.
+        placement_retries = max(placement_retries, ELASTIC_PLACEMENT_RETRIES)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
