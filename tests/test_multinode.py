@@ -178,7 +178,8 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster, tmp_pat
     metrics = run_dir / "metrics.jsonl"
     args = [sys.executable, "-m", "t2sda", "train", "--workers", "1-2", "--placement", "spread",
             "--cpus-per-worker", "2", "--max-failures", "3", "--run-dir", str(run_dir),
-            "--set", *TINY_SEARCH, "train.iters=400", "train.eval_every=10", "train.checkpoint_every=10"]
+            # long enough never to end by itself: stopped once it has grown back
+            "--set", *TINY_SEARCH, "train.iters=5000", "train.eval_every=10", "train.checkpoint_every=10"]
     log = open(tmp_path / "train.log", "w")
     # Checks for room to grow every 2 s; a placement that cannot happen times out after 10 s.
     env = cluster.env(T2SDA_ELASTIC_RESIZE_S="2", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
