@@ -128,7 +128,7 @@ def _build_loaded(cfg: Config, payload: dict, name: str, path: Path, num_classes
     found = _num_classes(seg_state)
     if found is not None and found != num_classes:
         raise CheckpointError(f"checkpoint {path}: checkpoint has {found} classes, config {num_classes}")
-    segmentor = build_model(cfg.model.name, num_classes=num_classes)
+    segmentor = build_model(cfg.model.name, num_classes=num_classes, hrda=cfg.model.hrda_options())
     try:
         segmentor.load_state_dict(seg_state)
     except RuntimeError as err:
