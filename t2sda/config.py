@@ -71,7 +71,7 @@ class DataConfig:
     cat_max_ratio: float = 0.75  # re-crop while one class covers more of the crop (1 = off)
     rcs_temperature: float = 0.0  # rare-class sampling of source images (DAFormer 0.01); 0 = off
     rcs_min_pixels: int = 3000  # an image counts for a class with more than this many pixels (DAFormer: >)
-    rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it
+    rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it (HRDA 2)
     num_classes: int = 0  # 0 = all 19; K scores train ids < K only (the rest ignored)
     eval_crop: int = 0  # sliding-window side for validation; 0 = whole image
     eval_stride: int = 0  # 0 = eval_crop // 2
@@ -108,7 +108,7 @@ class DataConfig:
         _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio,
                "must be in (0, 1]")
         _non_negative("data.rcs_temperature", self.rcs_temperature)
-        _unit("data.rcs_min_crop_ratio", self.rcs_min_crop_ratio)
+        _non_negative("data.rcs_min_crop_ratio", self.rcs_min_crop_ratio)  # HRDA: 2.0
         _check(self.num_classes <= 19, "data.num_classes", self.num_classes, "must be <= 19")
 
     def size(self, key: str) -> tuple[int, int] | None:

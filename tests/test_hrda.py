@@ -237,3 +237,28 @@ def test_grad_checkpointing_reaches_the_base_model():
         model = build_model("deeplabv2_r101", num_classes=C, hrda={"detail_crop": 64})
     model.set_grad_checkpointing(True)
     assert model.base.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", ["gta2cs_hrda", "gta2cs_mic", "syn2cs_hrda", "syn2cs_mic"])
+def test_presets_are_the_published_recipes(name):
+    from t2sda.presets import get_preset
+
+    cfg = get_preset(name)
+    d, mo, me = cfg.data, cfg.model, cfg.method
+    assert (d.crop_size, d.batch_size, d.target_size, d.val_size) == (1024, 2, "2048x1024", "2048x1024")
+    assert d.source_size == ("2560x1440" if name.startswith("gta") else "2560x1520")
+    assert (d.rcs_temperature, d.rcs_min_pixels, d.rcs_min_crop_ratio) == (0.01, 3000, 2.0)
+    assert (d.eval_crop, d.eval_stride) == (1024, 512)
+    assert (mo.name, mo.pretrained, mo.hrda, mo.hrda_context_scale, mo.hrda_detail_crop) == \
+        ("daformer_mitb5", "timm", True, 0.5, 512)
+    assert (mo.hrda_detail_stride, mo.hrda_detail_loss_weight, mo.hrda_attention_classwise) == \
+        (256, 0.1, True)
+    assert (me.pseudo_threshold, me.pseudo_weight, me.ema_momentum, me.fd_weight) == \
+        (0.968, "batch_fraction", 0.999, 0.005)
+    assert (me.pseudo_ignore_top, me.pseudo_ignore_bottom) == (30, 240)
+    mic = (me.mic_weight, me.mic_mask_ratio, me.mic_block, me.mic_augment)
+    assert mic == ((1.0, 0.7, 64, True) if name.endswith("mic") else (0.0, 0.7, 64, True))
+    assert (cfg.optim.lr, cfg.optim.head_lr_mult, cfg.optim.warmup_iters) == (6e-5, 10.0, 1500)
+    assert (cfg.train.iters, cfg.train.eval_every) == (40000, 4000)
+    # T2S-DA's own parts keep their defaults on top of the base recipe
+    assert me.pull_weight == 0.1 and me.weight_mode == "iou"
