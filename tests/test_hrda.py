@@ -293,3 +293,17 @@ def test_grad_checkpointing_with_hrda_same_gradients_less_memory(name):
     # detail crop) weigh more than the encoder's; DAFormer: 0.89 of eager here
     print(f"{name} + HRDA: checkpointed peak / eager {peaks['ckpt'] / peaks['eager']:.2f}")
     assert peaks["ckpt"] < 0.95 * peaks["eager"], peaks
+
+
+def test_export_at_a_fixed_size_matches_eager(tmp_path):
+    """``export`` of an HRDA model: TorchScript at the export size equals eager; --dynamic is
+    refused in one line (the number of detail windows depends on the size)."""
+    from t2sda import model_export
+
+    module = model_export.Deployable(_tiny().eval())
+    path = tmp_path / "hrda.pt"
+    model_export.export(module, path, fmt="torchscript", size=(32, 48), dynamic=False)
+    (check,) = model_export.verify(module, path, fmt="torchscript", size=(32, 48), dynamic=False)
+    assert check["max_abs_diff"] < 1e-4 and check["agreement"] == 1.0
+    with pytest.raises(model_export.ExportError, match="--dynamic: an HRDA model"):
+        model_export.export(module, path, fmt="torchscript", size=(32, 48), dynamic=True)

@@ -29,8 +29,7 @@ def downscale(image: Tensor, scale: float) -> Tensor:
     """Bilinear resize by ``scale`` (HRDA's context image); scale 1 returns the image."""
     if scale == 1:
         return image
-    size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
 def slide_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
