@@ -307,3 +307,27 @@ def test_export_at_a_fixed_size_matches_eager(tmp_path):
     assert check["max_abs_diff"] < 1e-4 and check["agreement"] == 1.0
     with pytest.raises(model_export.ExportError, match="--dynamic: an HRDA model"):
         model_export.export(module, path, fmt="torchscript", size=(32, 48), dynamic=True)
+
+
+def test_training_with_hrda_resumes_and_evaluates_with_hrda_inference(tiny_cfg, tmp_path):
+    """train() with model.hrda: the detail boxes come from the step's seeded generator, so a
+    resumed run ends where an uninterrupted one does; the run dir loads back as HRDA."""
+    from t2sda import checkpoint
+    from t2sda.inference import load_trained
+    from t2sda.train import train
+
+    cfg = tiny_cfg.with_overrides(["model.hrda=true", "model.hrda_detail_crop=16"])
+    full = train(cfg, device="cpu", run_dir=tmp_path / "full")
+    interrupted = cfg.with_overrides(["train.fail_at_step=4"])
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        train(interrupted, device="cpu", run_dir=tmp_path / "resumed")
+    last = checkpoint.latest(tmp_path / "resumed" / "checkpoints")
+    resumed = train(interrupted, device="cpu", run_dir=tmp_path / "resumed", resume=last)
+    assert resumed["val/mIoU"] == pytest.approx(full["val/mIoU"], abs=1e-6)
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "step_0000006")["state"]["student"]
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoints" / "step_0000006")["state"]["student"]
+    assert any(k.startswith("segmentor.scale_attention.") for k in a)
+    for name, tensor in a.items():
+        assert torch.allclose(tensor.float(), b[name].float(), atol=1e-6), name
+    trained = load_trained(run_dir=tmp_path / "full", which="latest")
+    assert isinstance(trained.models["student"], HRDA)
