@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU check: DAFormer and DeepLabV2 training steps on one GPU through Ray Train with NCCL.
+"""GPU check: DAFormer, HRDA and DeepLabV2 training steps on one GPU through Ray Train with NCCL.
 
 On a lent GPU machine, from the repository root (one prepared run of at most 8 minutes):
 
@@ -11,7 +11,9 @@ tool brings back what is under it), else to ``results/gpu_check/`` (``--out`` ov
 On a CPU, ``--cpu-smoke`` runs the same code at toy sizes over gloo, without CUDA timing (the
 test suite does; results ``gpu_check_cpu_smoke.*``).
 
-What it measures, for ``daformer_mitb5`` and ``deeplabv2_r101`` (random init) in fp32
+What it measures, for ``daformer_mitb5``, ``deeplabv2_r101`` and ``daformer_mitb5_hrda``
+(DAFormer with ``model.hrda``: the ``gta2cs_hrda`` preset's step on 1024x1024 context crops
+with a 512x512 detail crop; in bf16 with and without checkpointing) (random init) in fp32
 (``train.amp=none``: PyTorch's defaults, i.e. TF32 in cuDNN convolutions, not in matmuls) and
 bf16 (``train.amp=bf16``: autocast), and for DAFormer in bf16 also with the performance
 switches (docs/performance.md): ``+ckpt`` (``train.grad_checkpoint=true``), ``+compile``
@@ -67,7 +69,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"daformer_mitb5": "gta2cs_daformer", "deeplabv2_r101": "gta2cs_deeplabv2"}
+PRESETS = {"daformer_mitb5": "gta2cs_daformer", "deeplabv2_r101": "gta2cs_deeplabv2",
+           "daformer_mitb5_hrda": "gta2cs_hrda"}
+# HRDA (model.hrda) trains on context crops twice the side of the DAFormer recipe's, with a
+# detail crop of the DAFormer crop's side inside: 1024² and 512² on the GPU, as HRDA's recipe.
+HRDA_MODELS = {"daformer_mitb5_hrda": "daformer_mitb5"}
 AMPS = ("none", "bf16")
 NUM_CLASSES = 19
 # Dense bf16 tensor-core peaks (no sparsity) from the data sheets, TFLOP/s; first match wins.
@@ -80,7 +86,8 @@ SIZES = {  # crop, batch, warm-up / timed / phase-timed steps, matmul side
 PHASES = ("student forward", "teacher forward", "pull loss", "re-weighting", "backward", "optimizer",
           "EMA")
 # Configurations: "<amp>[+compile][+ckpt]". In order: a run cut by the budget loses the last ones.
-RUNS = (("daformer_mitb5", "bf16"), ("daformer_mitb5", "bf16+ckpt"), ("deeplabv2_r101", "bf16"),
+RUNS = (("daformer_mitb5", "bf16"), ("daformer_mitb5", "bf16+ckpt"), ("daformer_mitb5_hrda", "bf16+ckpt"),
+        ("daformer_mitb5_hrda", "bf16"), ("deeplabv2_r101", "bf16"),
         ("daformer_mitb5", "none"), ("deeplabv2_r101", "none"), ("daformer_mitb5", "bf16+compile"),
         ("daformer_mitb5", "bf16+compile+ckpt"))
 CARDS_GIB = (11, 24, 80)
@@ -248,7 +255,8 @@ def _initial_backbone(model: str) -> str:
         torch.manual_seed(0)
         folder = Path(tempfile.mkdtemp(prefix="gpu-check-init-"))
         path = folder / f"{model}_init.pth"
-        torch.save(build_model(model, num_classes=NUM_CLASSES).backbone.state_dict(), path)
+        name = HRDA_MODELS.get(model, model)
+        torch.save(build_model(name, num_classes=NUM_CLASSES).backbone.state_dict(), path)
         _BACKBONES[model] = str(path)
     return _BACKBONES[model]
 
@@ -263,16 +271,19 @@ def measure(model: str, label: str, device: torch.device, sizes: dict) -> dict:
     overrides = parse_config(label)
     # No weights can be fetched on a lent machine: random init, and the recipe's feature
     # distance (method.fd_weight) measured against that initial backbone, written to a file.
+    size, hrda = sizes["size"], {}
+    if model in HRDA_MODELS:
+        size, hrda = 2 * size, {"model.hrda_detail_crop": size, "model.hrda_detail_stride": size // 2}
     cfg = get_preset(PRESETS[model]).with_overrides(
         {"model.pretrained": _initial_backbone(model), "data.batch_size": sizes["batch"],
-         **overrides})
+         **hrda, **overrides})
     cuda = device.type == "cuda"
     torch._dynamo.reset()  # each configuration compiles (or not) from scratch
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     state = build_state(cfg, num_classes=NUM_CLASSES, device=device)
-    batches = make_batches(4, sizes["batch"], sizes["size"], device)
+    batches = make_batches(4, sizes["batch"], size, device)
     warmup, steps = sizes["warmup"], sizes["steps"]
     for i in range(warmup):
         run_step(state, batches, cfg, i)
@@ -408,7 +419,9 @@ def table(result: dict) -> str:
                 "dense bf16 spec peak" if spec else ", no spec peak known for this device"),
              f"Per step: batch {sizes['batch']} of {sizes['size']}x{sizes['size']} source + target "
              f"crops, {NUM_CLASSES} classes, random init, generated data; {sizes['steps']} timed "
-             f"steps after {sizes['warmup']}, split over {sizes['phase_steps']} more.", "",
+             f"steps after {sizes['warmup']}, split over {sizes['phase_steps']} more; HRDA "
+             f"(*_hrda, gta2cs_hrda): {2 * sizes['size']}x{2 * sizes['size']} context crops with "
+             f"a {sizes['size']}x{sizes['size']} detail crop.", "",
              "| model | config | images/s | step ms | split step ms | " + " | ".join(PHASES)
              + " | other | pull+rw | peak GiB | TFLOP/step | TFLOP/s | of bf16 matmul | of spec peak |",
              "|---" * (len(PHASES) + 12) + "|"]

@@ -71,7 +71,7 @@ class DataConfig:
     cat_max_ratio: float = 0.75  # re-crop while one class covers more of the crop (1 = off)
     rcs_temperature: float = 0.0  # rare-class sampling of source images (DAFormer 0.01); 0 = off
     rcs_min_pixels: int = 3000  # an image counts for a class with more than this many pixels (DAFormer: >)
-    rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it
+    rcs_min_crop_ratio: float = 0.5  # crops retried until they hold ratio * min_pixels of it (HRDA 2)
     num_classes: int = 0  # 0 = all 19; K scores train ids < K only (the rest ignored)
     eval_crop: int = 0  # sliding-window side for validation; 0 = whole image
     eval_stride: int = 0  # 0 = eval_crop // 2
@@ -108,7 +108,7 @@ class DataConfig:
         _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio,
                "must be in (0, 1]")
         _non_negative("data.rcs_temperature", self.rcs_temperature)
-        _unit("data.rcs_min_crop_ratio", self.rcs_min_crop_ratio)
+        _non_negative("data.rcs_min_crop_ratio", self.rcs_min_crop_ratio)  # HRDA: 2.0
         _check(self.num_classes <= 19, "data.num_classes", self.num_classes, "must be <= 19")
 
     def size(self, key: str) -> tuple[int, int] | None:
@@ -124,12 +124,35 @@ class ModelConfig:
     name: str = "small_cnn"
     pretrained: str = ""  # "" random init, "timm" hub weights, or a local checkpoint path
     proj_dim: int = 128  # output dim of the training-only projection head
+    # HRDA (docs/METHOD.md): a context crop (the training crop) seen at hrda_context_scale and
+    # a detail crop of hrda_detail_crop px inside it at full resolution, fused by a learned
+    # scale attention; inference and pseudo labels from overlapping detail windows.
+    hrda: bool = False
+    hrda_context_scale: float = 0.5  # HRDA: 0.5 (1/k for a whole k)
+    hrda_detail_crop: int = 512  # detail-crop side in pixels (HRDA: 512 in 1024 px crops)
+    hrda_detail_stride: int = 0  # sliding detail windows' stride; 0 = crop / 2 (HRDA)
+    hrda_detail_loss_weight: float = 0.1  # HRDA's lambda_d; the fused loss gets 1 - it
+    hrda_attention_classwise: bool = True  # one attention per class (HRDA) or one per pixel
 
     def __post_init__(self):
         from t2sda.models import MODELS  # models do not import config: no cycle
 
         _choice("model.name", self.name, tuple(MODELS))
         _positive("model.proj_dim", self.proj_dim)
+        scale = self.hrda_context_scale
+        _check(0 < scale <= 1 and round(1 / scale, 6).is_integer(), "model.hrda_context_scale",
+               scale, "must be 1/k for a whole k >= 1, e.g. 0.5")
+        _positive("model.hrda_detail_crop", self.hrda_detail_crop)
+        _non_negative("model.hrda_detail_stride", self.hrda_detail_stride)
+        _unit("model.hrda_detail_loss_weight", self.hrda_detail_loss_weight, open_high=True)
+
+    def hrda_options(self) -> dict | None:
+        """build_model's ``hrda`` keywords (None with model.hrda off)."""
+        if not self.hrda:
+            return None
+        return {"context_scale": self.hrda_context_scale, "detail_crop": self.hrda_detail_crop,
+                "detail_stride": self.hrda_detail_stride,
+                "classwise": self.hrda_attention_classwise}
 
 
 @dataclass(kw_only=True)
@@ -317,6 +340,10 @@ class Config:
         _check(self.method.fd_weight == 0 or self.model.pretrained != "", "method.fd_weight",
                self.method.fd_weight, "the feature distance is to the pretrained backbone: "
                "set model.pretrained (timm or a checkpoint path) or method.fd_weight=0")
+        side = self.data.image_size if self.data.name == "digits" else self.data.crop_size
+        _check(not self.model.hrda or not side or self.model.hrda_detail_crop <= side,
+               "model.hrda_detail_crop", self.model.hrda_detail_crop,
+               f"the detail crop must fit in the training crop ({side} px)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

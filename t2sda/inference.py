@@ -134,7 +134,7 @@ def _build_loaded(cfg: Config, payload: dict, name: str, path: Path, num_classes
     found = _num_classes(seg_state)
     if found is not None and found != num_classes:
         raise CheckpointError(f"checkpoint {path}: checkpoint has {found} classes, config {num_classes}")
-    segmentor = build_model(cfg.model.name, num_classes=num_classes)
+    segmentor = build_model(cfg.model.name, num_classes=num_classes, hrda=cfg.model.hrda_options())
     try:
         segmentor.load_state_dict(seg_state)
     except RuntimeError as err:
@@ -160,10 +160,17 @@ def _released_payload(path: Path, cfg: Config, num_classes: int) -> dict | None:
     if not isinstance(state, dict) or not convert.is_mmseg_segmentor(state):
         return None
     roles = ("student", "teacher") if any(k.startswith("ema_model.") for k in state) else ("student",)
+    if convert.is_hrda(state) and not cfg.model.hrda:
+        raise CheckpointError(f"checkpoint {path}: an HRDA / MIC release needs model.hrda=true "
+                              "(e.g. --preset gta2cs_hrda or gta2cs_mic)")
+    if cfg.model.hrda and not convert.is_hrda(state):
+        raise CheckpointError(f"checkpoint {path}: a single-scale DAFormer release, but the config "
+                              "has model.hrda=true (no scale attention to load)")
     try:
         converted = {role: convert.convert_segmentor(state, role) for role in roles}
         with torch.device("meta"):  # names and shapes only, no weights in memory
-            own = build_model(cfg.model.name, num_classes=num_classes).state_dict()
+            own = build_model(cfg.model.name, num_classes=num_classes,
+                              hrda=cfg.model.hrda_options()).state_dict()
         for seg_state, source in converted.values():
             convert.check_state(own, seg_state, source)
     except convert.ConversionError as err:

@@ -94,6 +94,9 @@ def export(module: Deployable, path: Path, *, fmt: str, size: tuple[int, int],
     then has batch 2: torch.export specialises a dimension of size 1 to a constant.
     """
     check_packages(fmt)
+    if dynamic and hasattr(module.segmentor, "detail_stride"):
+        raise ExportError("--dynamic: an HRDA model (model.hrda) runs a number of detail windows "
+                          "that depends on the image size; export it at a fixed --size")
     example = example_input(module, size, batch=2 if dynamic else 1)
     with torch.no_grad(), warnings.catch_warnings():
         # torch 2.14 marks torch.jit deprecated; it still is what "TorchScript" means.

@@ -108,6 +108,50 @@ def syn2cs_deeplabv2() -> Config:
     return _daformer_recipe(source="synthia", model="deeplabv2_r101")
 
 
+def _hrda_recipe(*, source: str, mic: bool) -> Config:
+    """HRDA's published recipe (configs/hrda/gtaHR2csHR_hrda.py; SYNTHIA as its experiments.py
+    id 40), MIC's on top of it with ``mic`` (seg/configs/mic/gtaHR2csHR_mic_hrda.py, id 80):
+    the DAFormer recipe at full resolution (GTA5 fitted into 2560x1440, SYNTHIA 2560x1520,
+    Cityscapes 2048x1024; 1024² context crops, batch 2), a 512² detail crop, context at 0.5,
+    λ_d 0.1, class-wise scale attention, rare-class sampling T=0.01 with min_crop_ratio 2.0
+    (four times the pixels), pseudo-label margins 30 / 240 rows (HRDA's "v2" crop margins; see
+    docs/METHOD.md), FD 0.005 on the context features; validation on 2048x1024 Cityscapes val
+    in sliding 1024² windows at stride 512, each run with HRDA inference. MIC: masked target
+    images, 64 px blocks, ratio 0.7, weight 1, colour-augmented before masking."""
+    cfg = _daformer_recipe(source=source, model="daformer_mitb5")
+    return cfg.with_overrides({
+        "data.source_size": "2560x1440" if source == "gta5" else "2560x1520",
+        "data.target_size": "2048x1024", "data.val_size": "2048x1024", "data.crop_size": 1024,
+        "data.rcs_min_crop_ratio": 2.0, "data.eval_crop": 1024, "data.eval_stride": 512,
+        "model.hrda": True, "model.hrda_context_scale": 0.5, "model.hrda_detail_crop": 512,
+        "model.hrda_detail_stride": 256, "model.hrda_detail_loss_weight": 0.1,
+        "model.hrda_attention_classwise": True,
+        "method.pseudo_ignore_top": 30, "method.pseudo_ignore_bottom": 240,
+        **({"method.mic_weight": 1.0, "method.mic_mask_ratio": 0.7, "method.mic_block": 64,
+            "method.mic_augment": True} if mic else {}),
+    })
+
+
+def gta2cs_hrda() -> Config:
+    """GTA5 -> Cityscapes, HRDA (DAFormer MiT-B5 network) + T2S-DA."""
+    return _hrda_recipe(source="gta5", mic=False)
+
+
+def gta2cs_mic() -> Config:
+    """GTA5 -> Cityscapes, MIC on HRDA + T2S-DA."""
+    return _hrda_recipe(source="gta5", mic=True)
+
+
+def syn2cs_hrda() -> Config:
+    """SYNTHIA -> Cityscapes, HRDA + T2S-DA; val/mIoU16 and val/mIoU13 are the reported scores."""
+    return _hrda_recipe(source="synthia", mic=False)
+
+
+def syn2cs_mic() -> Config:
+    """SYNTHIA -> Cityscapes, MIC on HRDA + T2S-DA."""
+    return _hrda_recipe(source="synthia", mic=True)
+
+
 def gta_dg_daformer() -> Config:
     """Domain generalization from GTA5: no target images. With ``$T2SDA_STYLE_CHECKPOINT``
     (or ``--set method.translate=style method.style_checkpoint=DIR``) the translation
@@ -128,6 +172,10 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "syn2cs_daformer": syn2cs_daformer,
     "syn2cs_deeplabv2": syn2cs_deeplabv2,
     "gta_dg_daformer": gta_dg_daformer,
+    "gta2cs_hrda": gta2cs_hrda,
+    "gta2cs_mic": gta2cs_mic,
+    "syn2cs_hrda": syn2cs_hrda,
+    "syn2cs_mic": syn2cs_mic,
 }
 
 

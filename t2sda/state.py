@@ -29,15 +29,18 @@ class Network(nn.Module):
         self.proj = proj
 
     def forward(self, image: torch.Tensor, pick: Callable | None = None,
-                with_bottleneck: bool = False) -> tuple[torch.Tensor, ...]:
+                with_bottleneck: bool = False, **options) -> tuple[torch.Tensor, ...]:
         """image (B, 3, H, W) in [0, 1] -> logits (B, C, h, w) and projected pixels (n, P).
 
         ``pick((h, w)) -> index (n,)`` chooses pixels of the flattened (B*h*w) feature map to
         project; it runs inside forward, once the feature size is known, so the projection
         head is part of the graph DDP sees. Without ``pick`` (or a head) the second output is
         None. ``with_bottleneck`` appends the backbone's last-stage feature (a third output).
+        ``options`` go to the segmentor (HRDA's ``detail_box``, ``context_only``; the HRDA
+        training forward's detail logits come before the last-stage feature).
         """
-        logits, feature, *bottleneck = self.segmentor(image, with_bottleneck=with_bottleneck)
+        logits, feature, *bottleneck = self.segmentor(image, with_bottleneck=with_bottleneck,
+                                                      **options)
         projected = None
         if pick is not None and self.proj is not None:
             index = pick(tuple(feature.shape[-2:]))
@@ -126,8 +129,10 @@ def build_state(cfg: Config, *, num_classes: int, device: torch.device, wrap=Non
     torch.manual_seed(cfg.seed)
     try:
         segmentor = build_model(cfg.model.name, num_classes=num_classes,
-                                pretrained=cfg.model.pretrained)
+                                pretrained=cfg.model.pretrained, hrda=cfg.model.hrda_options())
     except Exception as err:  # a missing or mismatched file, or no way to reach timm's hub
+        if str(err).startswith("model.hrda"):  # a detail crop the model's strides cannot place
+            raise ConfigError(str(err)) from None
         if not cfg.model.pretrained:
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -21,6 +21,7 @@ from t2sda.method.pseudo_label import pseudo_label
 from t2sda.method.pull_loss import pull_loss, sample_index
 from t2sda.method.translate import translate
 from t2sda.models import IMAGENET_MEAN
+from t2sda.models.hrda import crop_each, downscale, draw_boxes
 from t2sda.state import TrainState
 
 IGNORE = 255
@@ -74,6 +75,12 @@ def _weighted_ce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     return (loss * weight).mean()
 
 
+def _seg_loss(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return F.cross_entropy(logits, label, ignore_index=IGNORE)
+    return _weighted_ce(logits, label, weight)
+
+
 def _autocast(device: torch.device, amp: str):
     use_bf16 = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -120,9 +127,16 @@ def train_step(
     key_group = ([src_label], m.num_negatives, m.negative_sampling == "balanced")
     key_picker = _Picker(key=key_group) if teacher_keys else None
     tgt_label = tgt_weight = tgt_conf = None
+    hrda = cfg.model.hrda
     if teacher_in:
         with torch.no_grad(), _autocast(device, cfg.train.amp):
-            t_logits, t_proj = state.teacher(torch.cat(teacher_in), key_picker)
+            if not hrda:
+                t_logits, t_proj = state.teacher(torch.cat(teacher_in), key_picker)
+            else:  # keys: the context pass alone; pseudo labels: HRDA inference (detail windows)
+                if teacher_keys:
+                    t_proj = state.teacher(src_img, key_picker, context_only=True)[1]
+                if adapt:
+                    t_logits = state.teacher(tgt_img)[0]
         if adapt:
             t_up = F.interpolate(t_logits[-b:].float(), size=(h, w), mode="bilinear",
                                  align_corners=False)
@@ -170,21 +184,43 @@ def train_step(
             groups["key"] = key_group
         picker = _Picker(**groups)
     feat_dist = state.imnet is not None and m.fd_weight > 0
+    options = {}
+    if hrda:  # HRDA: one random detail crop per part of the batch (one per forward in HRDA)
+        boxes = draw_boxes(len(student_in), b, height=h, width=w, crop=cfg.model.hrda_detail_crop,
+                           divisible=unwrap(state.student).segmentor.divisible)
+        options["detail_box"] = boxes
     with _autocast(device, cfg.train.amp):
         raw_logits, projected, *bottleneck = state.student(torch.cat(student_in), picker,
-                                                           with_bottleneck=feat_dist)
-        if feat_dist:  # DAFormer's ImageNet feature distance on the source images x_s
-            imnet_feature = state.imnet(src_img)
+                                                           with_bottleneck=feat_dist, **options)
+        detail = bottleneck.pop(0) if hrda else None
+        if feat_dist:  # DAFormer's ImageNet feature distance on the source images x_s (HRDA:
+            # on the context image, where the student's bottleneck comes from)
+            imnet_feature = state.imnet(downscale(src_img, cfg.model.hrda_context_scale)
+                                        if hrda else src_img)
     logits = F.interpolate(raw_logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     parts = logits.split(b)
-    losses = {"loss_src": F.cross_entropy(parts[0], src_label, ignore_index=IGNORE)}
+
+    def seg_loss(i: int, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """CE of part i (weighted by ``weight`` if given); HRDA: (1 - lambda_d) x the fused
+        prediction's + lambda_d x the detail crop's against the label cropped to it."""
+        fused = _seg_loss(parts[i], label, weight)
+        if not hrda:
+            return fused
+        side, box = cfg.model.hrda_detail_crop, boxes[i * b:(i + 1) * b]
+        crop_logits = F.interpolate(detail[i * b:(i + 1) * b].float(), size=(side, side),
+                                    mode="bilinear", align_corners=False)
+        crop = _seg_loss(crop_logits, crop_each(label, box, side),
+                         None if weight is None else crop_each(weight, box, side))
+        lam = cfg.model.hrda_detail_loss_weight
+        return (1 - lam) * fused + lam * crop
+
+    losses = {"loss_src": seg_loss(0, src_label)}
     if use_src_like and m.src_ce_on_translated:
-        ce_like = F.cross_entropy(parts[1], src_label, ignore_index=IGNORE)
-        losses["loss_src"] = 0.5 * (losses["loss_src"] + ce_like)
+        losses["loss_src"] = 0.5 * (losses["loss_src"] + seg_loss(1, src_label))
     if adapt:
-        losses["loss_mix"] = _weighted_ce(parts[mix_at], mix_label, mix_weight)
+        losses["loss_mix"] = seg_loss(mix_at, mix_label, mix_weight)
     if masking:
-        losses["loss_mic"] = _weighted_ce(parts[-1], tgt_label, tgt_weight)
+        losses["loss_mic"] = seg_loss(len(parts) - 1, tgt_label, tgt_weight)
     if feat_dist:
         losses["loss_fd"] = feature_distance(
             bottleneck[0][:b], imnet_feature, src_label, min_ratio=m.fd_min_ratio,

@@ -45,6 +45,8 @@ def test_gpu_check_configs_are_validated(capsys):
         "train.amp": "bf16", "train.compile": "default", "train.grad_checkpoint": True}
     for _, label in gpu_check.RUNS:  # every default configuration is a valid config
         gpu_check.parse_config(label)
+    assert gpu_check.PRESETS["daformer_mitb5_hrda"] == "gta2cs_hrda"
+    assert {("daformer_mitb5_hrda", "bf16"), ("daformer_mitb5_hrda", "bf16+ckpt")} <= set(gpu_check.RUNS)
     assert gpu_check.main(["--cpu-smoke", "--configs", "bf16+fast"]) == 2
     assert "--configs: configuration 'bf16+fast'" in capsys.readouterr().err
 
@@ -61,3 +63,20 @@ def test_gpu_check_smoke_through_ray_train(tmp_path, ray_cluster):
     # RAY_ADDRESS (set by the fixture) makes the script's worker join the session's cluster.
     result = _smoke(tmp_path, "--launcher", "ray")
     assert result["group"]["backend"] == "gloo" and "Ray Train" in result["launcher"]
+
+
+@pytest.mark.slow
+def test_gpu_check_hrda_configuration_measures_on_cpu():
+    """The HRDA configuration (gta2cs_hrda's step, context crops twice the detail crop) runs
+    with and without activation checkpointing at toy size, in this process."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    sizes = {**gpu_check.SIZES["cpu_smoke"], "size": 32, "steps": 1, "phase_steps": 1}
+    for label in ("none", "none+ckpt"):
+        run = gpu_check.measure("daformer_mitb5_hrda", label, torch.device("cpu"), sizes)
+        assert run["images_per_s"] > 0 and run["grad_checkpoint"] == label.endswith("ckpt")

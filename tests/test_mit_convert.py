@@ -136,8 +136,10 @@ def test_uda_roles_and_foreign_heads(tmp_path):
         converted, _ = convert.convert_segmentor(uda, role)
         assert torch.equal(converted["head.classifier.weight"], expected["decode_head.conv_seg.weight"])
         assert torch.equal(converted["backbone.stages_2.norm.bias"], expected["backbone.norm3.bias"])
+    # a DAFormer head beside an HRDA scale attention is neither layout (tests/test_hrda_convert.py)
     hrda = {**student, "decode_head.scale_attention.conv_seg.weight": torch.zeros(19, 256, 1, 1)}
-    with pytest.raises(convert.ConversionError, match="'decode_head.scale_attention.conv_seg.weight'"):
+    with pytest.raises(convert.ConversionError, match="'decode_head.embed_layers.0.proj.weight' is "
+                       "not part of HRDA's head"):
         convert.convert_segmentor(hrda)
 
 
@@ -200,9 +202,10 @@ def test_release_checked_against_the_model(edit, message, tmp_path):
         convert.check_state(_own_segmentor_state(19), converted, source)
 
 
-def test_load_trained_names_the_first_unmapped_release_key(tmp_path):
-    """``evaluate --checkpoint hrda.pth``: an HRDA-style head stops with the key, one line;
-    a state dict that is no mmseg segmentor goes on to t2sda's own checkpoint reader."""
+def test_load_trained_refuses_an_hrda_release_for_a_single_scale_config(tmp_path):
+    """``evaluate --checkpoint hrda.pth --preset gta2cs_daformer``: an HRDA-style head stops
+    with one line naming model.hrda; a state dict that is no mmseg segmentor goes on to
+    t2sda's own checkpoint reader."""
     from t2sda.checkpoint import CheckpointError
     from t2sda.inference import load_trained
     from t2sda.presets import get_preset
@@ -212,8 +215,7 @@ def test_load_trained_names_the_first_unmapped_release_key(tmp_path):
     torch.save({"meta": {"iter": 10}, "state_dict": state}, tmp_path / "hrda.pth")
     torch.save(ref.timm_backbone("mit_b0").state_dict(), tmp_path / "timm.pth")
     config = get_preset("gta2cs_daformer")
-    with pytest.raises(CheckpointError, match="'model.decode_head.scale_attention.conv_seg.weight'"
-                       ".*HRDA/MIC") as err:
+    with pytest.raises(CheckpointError, match="HRDA / MIC release needs model.hrda=true") as err:
         load_trained(checkpoint_path=tmp_path / "hrda.pth", config=config)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="not a t2sda checkpoint"):

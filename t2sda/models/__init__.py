@@ -34,6 +34,7 @@ class Segmentor(nn.Module):
     """
 
     feature_dim: int
+    output_stride: int  # input pixels per logit pixel
     backbone: nn.Module
     head: nn.Module
 
@@ -47,6 +48,27 @@ class Segmentor(nn.Module):
 
     def normalise(self, image: Tensor) -> Tensor:
         return (image - self.mean) / self.std
+
+    # The forward in two halves, for wrappers that run the head more than once or another head
+    # on the same features (HRDA, models/hrda.py): encode(image) -> backbone features;
+    # decode(features) = apply_head(self.head, features) -> (logits, feature).
+    def encode(self, image: Tensor):
+        return self.backbone(self.normalise(image))
+
+    def decode(self, features) -> tuple[Tensor, Tensor]:
+        return self.apply_head(self.head, features)
+
+    def apply_head(self, head: nn.Module, features) -> tuple[Tensor, Tensor] | Tensor:
+        return head(features)
+
+    def last_stage(self, features) -> Tensor:
+        """The backbone's last-stage feature among ``encode``'s output (the FD bottleneck)."""
+        return features[-1]
+
+    def attention_head(self, out_channels: int) -> nn.Module:
+        """A new head of this model's kind (HRDA's scale attention) with ``out_channels``
+        outputs, applied with ``apply_head``; its first (or only) output is the map."""
+        raise NotImplementedError(f"{type(self).__name__} has no HRDA scale-attention head")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the backbone's activations in the backward (training with grad only)."""
@@ -70,17 +92,24 @@ MODELS: dict[str, Callable[..., Segmentor]] = {
 }
 
 
-def build_model(name: str, *, num_classes: int, pretrained: str = "") -> Segmentor:
+def build_model(name: str, *, num_classes: int, pretrained: str = "",
+                hrda: dict | None = None) -> Segmentor:
     """Build a registered model.
 
     pretrained: "" random init; "timm" timm's ImageNet weights (downloaded by timm when the hub
     is reachable); anything else is a path to a backbone checkpoint (.pth/.pt/.safetensors).
+    hrda: keyword arguments of :class:`t2sda.models.hrda.HRDA` to wrap the model in (HRDA's
+    multi-resolution training and inference), or None.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     model = MODELS[name](num_classes=num_classes, pretrained_timm=pretrained == "timm")
     if pretrained not in ("", "timm"):
         load_backbone(model.backbone, pretrained)
+    if hrda is not None:
+        from t2sda.models.hrda import HRDA
+
+        model = HRDA(model, num_classes=num_classes, **hrda)
     return model
 
 

@@ -181,6 +181,8 @@ def daformer_head_key(key: str) -> str | None:
                          r"\.(\w+)", key):
         part = "0" if m[2] == "depthwise" else "1"
         return f"aspp.{m[1]}.{part}.{unit[m[3]]}.{m[4]}"
+    if m := re.fullmatch(r"fuse_layer\.(conv|bn)\.(\w+)", key):  # HRDA's attention: a 1x1 fusion
+        return f"aspp.0.{unit[m[1]]}.{m[2]}"
     if m := re.fullmatch(r"fuse_layer\.bottleneck\.(conv|bn)\.(\w+)", key):
         return f"bottleneck.{unit[m[1]]}.{m[2]}"
     if m := re.fullmatch(r"conv_seg\.(weight|bias)", key):
@@ -196,12 +198,20 @@ def is_mmseg_segmentor(state: State) -> bool:
             and any(k.startswith(tuple(p + "decode_head." for p in prefixes)) for k in state))
 
 
+HRDA_HEADS = {"decode_head.head.": "base.head.", "decode_head.scale_attention.": "scale_attention."}
+
+
+def is_hrda(state: State) -> bool:
+    """An HRDA / MIC release: its decode head is HRDA's (``decode_head.head.*`` and
+    ``decode_head.scale_attention.*``), bare or under the UDA prefixes."""
+    return any("decode_head.scale_attention." in k for k in state)
+
+
 def convert_segmentor(state: State, role: str = "student") -> tuple[State, dict[str, str]]:
     """A DAFormer-family segmentor state dict as ``daformer_mitb5``'s (``backbone.*`` and
-    ``head.*``); the ``role`` network of a UDA checkpoint. Returns (state, our name -> theirs).
-
-    Raises ConversionError naming the first key that does not map, e.g. HRDA's or MIC's
-    multi-resolution head (``decode_head.head.*``, ``decode_head.scale_attention.*``).
+    ``head.*``), or an HRDA / MIC one as ``daformer_mitb5`` with model.hrda (``base.backbone.*``,
+    ``base.head.*``, ``scale_attention.*``); the ``role`` network of a UDA checkpoint. Returns
+    (state, our name -> theirs). Raises ConversionError naming the first key that does not map.
     """
     uda = any(k.startswith(tuple(ROLES.values())) for k in state)
     picked = select_role(state, role)
@@ -216,10 +226,23 @@ def convert_segmentor(state: State, role: str = "student") -> tuple[State, dict[
     unknown = next((k for k in rest if not k.startswith("decode_head.")), None)
     if unknown is not None:
         raise ConversionError(f"checkpoint key {prefix + unknown!r} is neither backbone.* nor decode_head.*")
-    head, head_source = convert_daformer_head({k[len("decode_head."):]: v for k, v in rest.items()},
-                                              prefix=f"{prefix}decode_head.")
-    out.update({f"head.{k}": v for k, v in head.items()})
-    source.update({f"head.{k}": v for k, v in head_source.items()})
+    if not is_hrda(picked):
+        head, head_source = convert_daformer_head({k[len("decode_head."):]: v for k, v in rest.items()},
+                                                  prefix=f"{prefix}decode_head.")
+        out.update({f"head.{k}": v for k, v in head.items()})
+        source.update({f"head.{k}": v for k, v in head_source.items()})
+        return out, source
+    out = {f"base.{k}": v for k, v in out.items()}  # HRDA wraps the network as ``base``
+    source = {f"base.{k}": v for k, v in source.items()}
+    for theirs, ours in HRDA_HEADS.items():
+        part = {k[len(theirs):]: v for k, v in rest.items() if k.startswith(theirs)}
+        head, head_source = convert_daformer_head(part, prefix=prefix + theirs)
+        out.update({ours + k: v for k, v in head.items()})
+        source.update({ours + k: v for k, v in head_source.items()})
+    unknown = next((k for k in rest if not k.startswith(tuple(HRDA_HEADS))), None)
+    if unknown is not None:
+        raise ConversionError(f"checkpoint key {prefix + unknown!r} is not part of HRDA's head "
+                              "(decode_head.head.*, decode_head.scale_attention.*)")
     return out, source
 
 
@@ -232,8 +255,8 @@ def convert_daformer_head(state: State, *, prefix: str = "decode_head.") -> tupl
         new = daformer_head_key(key)
         if new is None:
             raise ConversionError(f"checkpoint key {prefix + key!r} does not map onto DAFormerHead "
-                                  "(only DAFormer's sep-ASPP head maps; HRDA/MIC heads do not: load "
-                                  "such a checkpoint's backbone with model.pretrained=PATH)")
+                                  "(DAFormer's sep-ASPP head and HRDA's scale attention map; for "
+                                  "another head load the backbone with model.pretrained=PATH)")
         if new.startswith("embed.") and new.endswith("weight"):
             value = value[:, :, None, None]  # Linear (out, in) -> 1x1 conv (out, in, 1, 1)
         out[new], source[new] = value, prefix + key

@@ -47,13 +47,18 @@ class DAFormerHead(nn.Module):
     """
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, *, embed_dim: int = 256,
-                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1):
+                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1,
+                 fusion: str = "aspp"):
         super().__init__()
         # DAFormer's "mlp" embedding: a linear layer per pixel, no norm / activation.
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)
         fused = embed_dim * len(in_channels)
-        self.aspp = nn.ModuleList(aspp_branch(fused, embed_dim, d) for d in dilations)
-        self.bottleneck = conv_bn_relu(embed_dim * len(dilations), embed_dim, 3)
+        if fusion == "conv":  # HRDA's scale attention: one 1x1 conv + BN + ReLU, no bottleneck
+            self.aspp = nn.ModuleList([conv_bn_relu(fused, embed_dim, 1)])
+            self.bottleneck = nn.Identity()
+        else:
+            self.aspp = nn.ModuleList(aspp_branch(fused, embed_dim, d) for d in dilations)
+            self.bottleneck = conv_bn_relu(embed_dim * len(dilations), embed_dim, 3)
         self.dropout = nn.Dropout2d(dropout)  # mmseg's decode-head dropout before the classifier
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
         nn.init.normal_(self.classifier.weight, std=0.01)  # mmseg's init for the final conv
@@ -75,6 +80,7 @@ class DAFormerHead(nn.Module):
 
 class DAFormer(Segmentor):
     feature_dim = 256
+    output_stride = 4
 
     def __init__(self, num_classes: int, *, pretrained_timm: bool = False):
         super().__init__()
@@ -85,6 +91,11 @@ class DAFormer(Segmentor):
         )
         channels = tuple(self.backbone.feature_info.channels())  # (64, 128, 320, 512)
         self.head = DAFormerHead(channels, num_classes, embed_dim=self.feature_dim)
+        self.channels = channels
+
+    def attention_head(self, out_channels: int) -> DAFormerHead:
+        # HRDA: the DAFormer head with its ASPP fusion replaced by a 1x1 conv (embed dim 256)
+        return DAFormerHead(self.channels, out_channels, embed_dim=256, fusion="conv")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # timm's per-block checkpointing inside each of the four stages (the features_only

@@ -40,6 +40,7 @@ class DeepLabV2(Segmentor):
     """
 
     feature_dim = 2048
+    output_stride = 8
 
     def __init__(self, num_classes: int, *, pretrained_timm: bool = False):
         super().__init__()
@@ -57,7 +58,7 @@ class DeepLabV2(Segmentor):
         # layer4, and update BatchNorm statistics twice; see models/recompute.py).
         self.grad_checkpointing = enable
 
-    def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
+    def encode(self, image: Tensor) -> Tensor:
         x = self.normalise(image)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # The features_only wrapper is the stem then layer1..layer4 in order, layer4 last.
@@ -67,9 +68,21 @@ class DeepLabV2(Segmentor):
                         x = checkpoint(block, x)
                 else:
                     x = module(x)
-            feature = x
-        else:
-            (feature,) = self.backbone(x)  # (B, 2048, H/8, W/8)
+            return x
+        (feature,) = self.backbone(x)  # (B, 2048, H/8, W/8)
+        return feature
+
+    def apply_head(self, head: nn.Module, features: Tensor) -> tuple[Tensor, Tensor]:
+        return head(features), features
+
+    def last_stage(self, features: Tensor) -> Tensor:
+        return features
+
+    def attention_head(self, out_channels: int) -> ASPPClassifier:
+        return ASPPClassifier(self.feature_dim, out_channels)  # HRDA: a DeepLabV2 head
+
+    def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
+        feature = self.encode(image)
         out = self.head(feature), feature  # logits (B, C, H/8, W/8)
         return (*out, feature) if with_bottleneck else out
 

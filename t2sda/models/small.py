@@ -73,8 +73,22 @@ class SmallCNN(Segmentor):
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even number >= 2, got {width}")
         self.feature_dim = 2 * width
+        self.output_stride = 2
+        self.width = width
         self.backbone = SmallEncoder(width)
         self.head = SmallHead(width, num_classes)
+
+    def encode(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.backbone(self.normalise(image.contiguous(memory_format=torch.channels_last)))
+
+    def apply_head(self, head: nn.Module, features: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return head(*features)
+
+    def last_stage(self, features: tuple[Tensor, Tensor]) -> Tensor:
+        return features[1]
+
+    def attention_head(self, out_channels: int) -> SmallHead:
+        return SmallHead(self.width, out_channels)
 
     def forward(self, image: Tensor, with_bottleneck: bool = False) -> tuple[Tensor, ...]:
         # Outputs stay channels_last too; permute(0, 2, 3, 1) of them is free, .view() is not.
