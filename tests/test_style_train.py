@@ -81,7 +81,7 @@ def test_checkpoint_holds_no_style_weights(tiny_cfg, folder, tmp_path):
     saved = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))["state"]
     keys = [k for part in ("student", "teacher") for k in saved[part]]
     assert keys and not any("transformer" in k or "predictor" in k or "Mixed_" in k for k in keys)
-    assert set(saved) == {"student", "teacher", "optimizer", "bank", "weighter", "step"}
+    assert set(saved) == {"student", "teacher", "optimizer", "bank", "weighter", "step", "world_size"}
 
 
 @pytest.mark.parametrize("name", ["gta2cs_daformer", "syn2cs_deeplabv2", "gta_dg_daformer"])
