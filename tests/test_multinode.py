@@ -134,9 +134,13 @@ def test_search_on_two_nodes_in_a_bucket_survives_driver_and_node_loss(cluster, 
     start = max(i for i, line in enumerate(before) if "starting after the shared warm-up" in line)
     reported = [int(line.split("t2sda: step ")[1].split()[0])
                 for line in before[start:] if "t2sda: step " in line]
-    assert resumed and step_at_kill - 3 <= resumed[0] <= max(reported)
-    print(f"\nnode lost after step {max(reported)} was reported: resumed from step {resumed[0]}, "
-          f"first report of the restarted workers {recovery_s:.1f} s after the loss")
+    # Each report in the bucket came with its checkpoint (eval_every = checkpoint_every), so the
+    # restart begins at or after the last one seen there: the workers, at most one checkpoint
+    # interval ahead of their last checkpoint when the node went, lost at most 3 steps.
+    assert resumed and resumed[0] >= step_at_kill
+    print(f"\nnode lost: the bucket's last report was step {step_at_kill} (driver log: "
+          f"{max(reported, default=None)}); resumed from step {resumed[0]}; first report of the restarted "
+          f"workers {recovery_s:.1f} s after the loss")
 
     # Everything is in the bucket: each trial's logs continue without a gap or a repeat, the
     # finished trial untouched; results, TensorBoard events and checkpoints beside them.
@@ -208,6 +212,7 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(cluster, tmp_pat
     steps, worlds = zip(*sizes())
     assert list(steps) == list(range(10, 10 * len(steps) + 1, 10))  # continuous: each restart
     changes = [w for i, w in enumerate(worlds) if i == 0 or worlds[i - 1] != w]  # resumed the log
-    assert changes == [2, 1, 2], worlds
+    # It may start on one worker while the other node's CPUs are still being freed, and grow.
+    assert set(worlds) == {1, 2} and changes[-3:] == [2, 1, 2], worlds
     print(f"\nelastic: node lost -> first report on 1 worker {shrunk_s:.1f} s; node back -> first "
           f"report on 2 workers {grown_s:.1f} s (incl. the node's start); world sizes {worlds}")
