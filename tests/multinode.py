@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -111,6 +113,10 @@ class LocalCluster:
         self.base_env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{self.dashboard_port}"
         self.base_env.setdefault("RAY_AUTH_MODE", "disabled")
         self.nodes: dict[str, subprocess.Popen] = {}
+        # Its own temp dir (short: Ray's socket paths must fit 107 bytes): `ray start` records
+        # the cluster in <temp dir>/ray_current_cluster, and a plain ray.init() on this machine
+        # would join the one recorded in the default /tmp/ray, even after it is gone.
+        self.temp_dir = tempfile.mkdtemp(prefix="t2sda-ray-", dir="/tmp")
         self.head = self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0",
                                          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                          f"--dashboard-port={self.dashboard_port}"])
@@ -119,7 +125,7 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"ray-{name}.log", "ab")
         proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
-                                 "--object-store-memory=80000000", *args],
+                                 "--object-store-memory=80000000", f"--temp-dir={self.temp_dir}", *args],
                                 env=self.base_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         log.close()
@@ -165,3 +171,4 @@ class LocalCluster:
         for name in [n for n in self.nodes if n != "head"]:
             _kill_group(self.nodes.pop(name))
         _kill_group(self.nodes.pop("head"))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
