@@ -42,6 +42,8 @@ class TokenCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         base = {k: v for k, v in os.environ.items() if k not in RAY_ENV}
         base["HOME"] = str(self.home)  # no ~/.ray/auth_token of the user's
+        # A job's `python` is this venv's, as the image's is on a real cluster.
+        base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
         # A client of this cluster; Ray's state API clients (Train's placement-group cleaner)
         # must find this cluster's dashboard, not the session's Ray.
         self.client_env = {**base, "RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard}
@@ -185,3 +187,22 @@ def test_a_client_with_the_token_runs_a_search(token_cluster, tmp_path):
     assert f"connected to the Ray cluster at {token_cluster.address}" in proc.stdout
     best = json.loads((tmp_path / "auth" / "best_config.json").read_text())
     assert best
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cluster_helper_submits_with_the_token_and_refuses_a_wrong_one(token_cluster, tmp_path):
+    """scripts/cluster.sh submit against the cluster's dashboard (as through its SSH tunnel)."""
+    token_file = tmp_path / ".ray/t2sda-auth/auth_token"  # where `scripts/cluster.sh token` puts it
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text(token_cluster.token)
+    env = {**token_cluster.client_env, "HOME": str(tmp_path),
+           "T2SDA_DASHBOARD_PORT": str(token_cluster.dashboard_port)}
+    submit = ["bash", "scripts/cluster.sh", "--config", "cluster/local.yaml", "submit", "--list-spaces"]
+    wrong = subprocess.run(submit, cwd=ROOT, env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True,
+                           text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stdout + wrong.stderr
+    assert "cluster.sh: error: the cluster refused the Ray token (HTTP 403)" in wrong.stderr
+    job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "pull_loss" in job.stdout and "succeeded" in job.stdout + job.stderr
