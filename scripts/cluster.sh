@@ -84,9 +84,13 @@ dashboard_port="${T2SDA_DASHBOARD_PORT:-8265}"   # the local end of the tunnel
 # Any HTTP answer will do: with token authentication most paths answer 401 without the token.
 dashboard_up() { curl -s -o /dev/null "http://127.0.0.1:$dashboard_port/api/version"; }
 
+# Whether the config is one of ours, with token authentication (a config of your own may not be).
+token_auth() { grep -q '/home/ray/t2sda-auth' "$config"; }
+
 # The token for the Jobs API (which reads RAY_AUTH_MODE and RAY_AUTH_TOKEN[_PATH] as Ray does):
 # the caller's RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH when set, else the token file.
 use_token() {
+    token_auth || return 0
     export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
     if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
         [ -s "$token_file" ] || die "$no_token"
@@ -128,7 +132,7 @@ with_dashboard() {
 
 case "$command" in
     up)
-        [ -s "$token_file" ] || die "$no_token"
+        ! token_auth || [ -s "$token_file" ] || die "$no_token"
         exec "$ray_cli" up -y "$config" "$@"
         ;;
     sync-data)
