@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from t2sda.ray_glue import auth
 from tests.conftest import TINY, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,8 @@ RAY_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_T
 
 
 class TokenCluster:
+    """A one-node Ray with token authentication on, its token a fresh random one."""
+
     def __init__(self, root: Path):
         self.token = secrets.token_hex(32)  # as `ray get-auth-token --generate` makes one
         self.home = root / "home"
@@ -206,3 +209,30 @@ def test_cluster_helper_submits_with_the_token_and_refuses_a_wrong_one(token_clu
     job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "pull_loss" in job.stdout and "succeeded" in job.stdout + job.stderr
+
+
+@pytest.mark.parametrize("message, env, why", [
+    ("RAY_AUTH_TOKEN_PATH is set but file cannot be opened or is empty: /nope",
+     {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nope"}, "RAY_AUTH_TOKEN_PATH=/nope cannot be read"),
+    ("Token authentication is enabled but no authentication token was found", {"RAY_AUTH_MODE": "token"},
+     "RAY_AUTH_MODE=token but no token was found here"),
+    ("RPC error: InvalidAuthToken: Authentication token is missing or incorrect", {},
+     "RAY_AUTH_MODE is unset here, so no token was sent"),
+    ("RPC error: InvalidAuthToken: Authentication token is missing or incorrect", {"RAY_AUTH_MODE": "token"},
+     "rejected this client's token"),
+])
+def test_the_refusal_says_what_to_set(monkeypatch, message, env, why):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # As ray.init raises it after its retries: Ray's refusal two causes down, in a traceback's text.
+    err = ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+    err.__cause__ = RuntimeError(f"Failed to connect to GCS. Last connection error: Traceback ...\n"
+                                 f"ray.exceptions.AuthenticationError: {message}")
+    found = auth.failure(err)
+    assert found is err.__cause__
+    line = auth.refused("10.0.0.5:6379", found)
+    assert line.startswith("Ray cluster at '10.0.0.5:6379'") and why in line and "\n" not in line
+    assert "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)" in line and "RAY_AUTH_MODE=token" in line
+    assert auth.failure(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")) is None

@@ -58,6 +58,9 @@ def _quiet_stderr():
         os.close(saved)
 
 
+REFUSALS = ("AuthenticationError", "InvalidAuthToken")  # Ray's words for it, as text
+
+
 def failure(err: BaseException | None) -> BaseException | None:
     """The AuthenticationError somewhere in ``err``'s chain (ray.init wraps it), if any."""
     from ray.exceptions import AuthenticationError
@@ -65,7 +68,8 @@ def failure(err: BaseException | None) -> BaseException | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, AuthenticationError) or "InvalidAuthToken" in str(err):
+        text = str(err)  # ray.init's RuntimeError holds the refusal as traceback text
+        if isinstance(err, AuthenticationError) or any(k in text for k in REFUSALS):
             return err
         err = err.__cause__ or err.__context__
     return None
