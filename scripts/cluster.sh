@@ -7,12 +7,17 @@ usage() {
     cat <<'EOF'
 usage: scripts/cluster.sh [--config FILE] COMMAND [ARGS]
 
+  token                    make the cluster's Ray token, ~/.ray/t2sda-auth/auth_token (outside
+                           the repo), unless it exists; `up` copies it to every node
   up                       start or update the cluster (ray up): syncs this checkout, installs it
   sync-data DIR            copy a local dataset directory (gta5/, cityscapes/, ...) to the head's
                            data directory (T2SDA_DATA in the config; shared when it is EFS/NFS)
   submit [TUNE ARGS...]    run `python tune.py TUNE ARGS` on the head as a Ray job with this
-                           checkout's code; streams its logs (Ctrl-C detaches, the job goes on)
-  dashboard                forward the Ray dashboard to http://127.0.0.1:8265 (Ctrl-C to stop)
+                           checkout's code; streams its logs (Ctrl-C detaches, the job goes on).
+                           The token: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH if set, else the file
+                           `token` made (sent with RAY_AUTH_MODE=token unless you set it)
+  dashboard                forward the Ray dashboard to http://127.0.0.1:8265 (Ctrl-C to stop);
+                           the page asks for the token once (the token file's contents)
   tensorboard LOGDIR       run TensorBoard on the head, forwarded to http://127.0.0.1:6006
                            (LOGDIR: <storage>/<name>, e.g. s3://BUCKET/t2sda/pull_loss)
   fetch SRC [DEST]         copy results here: s3://... with `aws s3 sync`, a path on the head
@@ -20,7 +25,9 @@ usage: scripts/cluster.sh [--config FILE] COMMAND [ARGS]
   down                     terminate the cluster (ray down)
 
 --config FILE   a `ray up` config (default: cluster/gpu.yaml, or $T2SDA_CLUSTER)
+T2SDA_DASHBOARD_PORT   the local port of the dashboard tunnel (default 8265)
 Example:
+  scripts/cluster.sh token
   scripts/cluster.sh up
   scripts/cluster.sh submit --space pull_loss --preset gta2cs_daformer \
       --storage s3://BUCKET/t2sda --workers-per-trial 1 --gpu
@@ -44,6 +51,24 @@ command="${1:-}"
 shift
 case "$command" in -h|--help|help) usage; exit 0 ;; esac
 
+# Token authentication (docs/cluster.md#authentication): the configs run Ray with
+# RAY_AUTH_MODE=token, and `ray up` copies this directory to every node (their file_mounts);
+# for KubeRay, a Secret is made from the same file.
+token_dir="$HOME/.ray/t2sda-auth"
+token_file="$token_dir/auth_token"
+no_token="no Ray token at $token_file: scripts/cluster.sh token makes one (docs/cluster.md#authentication)"
+if [ "$command" = token ]; then
+    [ $# -eq 0 ] || die "token takes no arguments"
+    if [ -s "$token_file" ]; then
+        echo "Ray token: $token_file (exists, kept)"
+    else
+        # 256 random bits in hex, as `ray get-auth-token --generate` makes them; only you can read it.
+        (umask 077 && mkdir -p "$token_dir" && od -An -vtx1 -N32 /dev/urandom | tr -d ' \n' >"$token_file")
+        echo "Ray token written to $token_file (scripts/cluster.sh up copies it to every node)"
+    fi
+    exit 0
+fi
+
 [ -f "$config" ] || die "no cluster config $config"
 if grep -q '^kind: RayCluster' "$config"; then
     die "$config is a KubeRay manifest: kubectl apply -f $config (docs/cluster.md, 'Kubernetes')"
@@ -54,9 +79,40 @@ ray_cli="ray"
 if [ -x .venv/bin/ray ]; then ray_cli=".venv/bin/ray"; fi
 command -v "$ray_cli" >/dev/null || die "the ray CLI is not installed (pip install 'ray[default]' boto3)"
 
-dashboard_port=8265
+dashboard_port="${T2SDA_DASHBOARD_PORT:-8265}"   # the local end of the tunnel
 
-dashboard_up() { curl -sf -o /dev/null "http://127.0.0.1:$dashboard_port/api/version"; }
+# Any HTTP answer will do: with token authentication most paths answer 401 without the token.
+dashboard_up() { curl -s -o /dev/null "http://127.0.0.1:$dashboard_port/api/version"; }
+
+# Whether the config is one of ours, with token authentication (a config of your own may not be).
+token_auth() { grep -q '/home/ray/t2sda-auth' "$config"; }
+
+# The token for the Jobs API (which reads RAY_AUTH_MODE and RAY_AUTH_TOKEN[_PATH] as Ray does):
+# the caller's RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH when set, else the token file.
+use_token() {
+    token_auth || return 0
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+    if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        [ -s "$token_file" ] || die "$no_token"
+        export RAY_AUTH_TOKEN_PATH="$token_file"
+    fi
+}
+
+# One line, not Ray's traceback, when the dashboard refuses the token (the header goes through
+# stdin: the token never shows in the process list).
+check_token() {
+    local token="" code
+    if [ "${RAY_AUTH_MODE:-}" = token ]; then
+        token="${RAY_AUTH_TOKEN:-}"
+        [ -n "$token" ] || token="$(cat "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" 2>/dev/null)" || true
+    fi
+    code="$(printf 'Authorization: Bearer %s\n' "$token" | curl -s -o /dev/null -w '%{http_code}' -H @- \
+        "http://127.0.0.1:$dashboard_port/api/version")" || true
+    case "$code" in
+        401|403) die "the cluster refused the Ray token (HTTP $code): set RAY_AUTH_MODE=token and" \
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the token it started with (default: $token_file)" ;;
+    esac
+}
 
 # Opens the dashboard tunnel in the background unless one is already there; the tunnel dies with
 # this script.
@@ -76,6 +132,7 @@ with_dashboard() {
 
 case "$command" in
     up)
+        ! token_auth || [ -s "$token_file" ] || die "$no_token"
         exec "$ray_cli" up -y "$config" "$@"
         ;;
     sync-data)
@@ -87,7 +144,9 @@ case "$command" in
         ;;
     submit)
         [ -f tune.py ] || die "no tune.py in $root"
+        use_token
         with_dashboard
+        check_token
         "$ray_cli" job submit --address "http://127.0.0.1:$dashboard_port" --working-dir . \
             -- python tune.py "$@"
         ;;
@@ -118,6 +177,6 @@ case "$command" in
         exec "$ray_cli" down -y "$config" "$@"
         ;;
     *)
-        die "unknown command '$command' (up, sync-data, submit, dashboard, tensorboard, fetch, down)"
+        die "unknown command '$command' (token, up, sync-data, submit, dashboard, tensorboard, fetch, down)"
         ;;
 esac

@@ -4,7 +4,9 @@ All offline: Ray's prepare_config + validate_config need no cloud credentials, a
 here starts Ray.
 """
 
+import os
 import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -61,8 +63,9 @@ def test_gpu_config_shape():
     assert 0 < config["idle_timeout_minutes"] <= 30
     # Workers need the bucket too; by profile name, never by an ARN with an account id.
     assert set(gpu["node_config"]["IamInstanceProfile"]) == {"Name"}
-    # The checkout is synced and installed on every node (Ray images carry no torch).
-    assert config["file_mounts"] == {"/home/ray/t2sda": "."}
+    # The checkout is synced and installed on every node (Ray images carry no torch), beside
+    # the cluster's Ray token (test_ray_up_configs_run_ray_with_token_authentication).
+    assert config["file_mounts"] == {"/home/ray/t2sda": ".", TOKEN_MOUNT: TOKEN_DIR}
     assert any("pip install" in c and "-e /home/ray/t2sda" in c for c in config["setup_commands"])
 
 
@@ -131,7 +134,56 @@ def test_nothing_is_opened_to_the_world():
     assert "tensorboard --logdir" in script and "--host 127.0.0.1" in script
 
 
+# Token authentication: `ray up` copies the token directory you keep outside the repo (the one
+# `scripts/cluster.sh token` fills) to every node; Ray reads the file through RAY_AUTH_TOKEN_PATH.
+TOKEN_MOUNT, TOKEN_DIR = "/home/ray/t2sda-auth", "~/.ray/t2sda-auth"
+TOKEN_SECRET = {"name": "t2sda-ray-token", "key": "auth_token"}  # KubeRay: a Secret, made by hand
+
+
+def _env(entries: list[dict]) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in entries}
+
+
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS)
+def test_ray_up_configs_run_ray_with_token_authentication(path):
+    config = _load(path)
+    # In the container's environment: every Ray process and command there (ray start on head and
+    # workers, jobs, `ray exec`) runs in token mode and reads the token file.
+    run_options = config["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in run_options
+    assert f"-e RAY_AUTH_TOKEN_PATH={TOKEN_MOUNT}/auth_token" in run_options
+    assert config["file_mounts"][TOKEN_MOUNT] == TOKEN_DIR  # from the home dir, not the checkout
+    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "RAY_AUTH" not in commands  # nothing turns it off (or names a token) per command
+    # The ports stay bound or firewalled as before; the token is on top, not instead.
+    assert "ray start --head --port=6379" in commands
+    # The helper makes the token where the configs look for it.
+    script = (ROOT / "scripts/cluster.sh").read_text()
+    assert f'token_dir="$HOME/{TOKEN_DIR.removeprefix("~/")}"' in script
+
+
+def test_kuberay_runs_ray_with_token_authentication():
+    docs = list(yaml.safe_load_all((ROOT / KUBERAY).read_text()))
+    assert all(d["kind"] != "Secret" for d in docs)  # made by `kubectl create secret`, not here
+    spec = _kuberay_cluster()["spec"]
+    envs = {"autoscaler": spec["autoscalerOptions"]["env"],
+            "head": spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"],
+            "worker": spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    for where, entries in envs.items():
+        env = _env(entries)
+        assert env["RAY_AUTH_MODE"] == "token", where
+        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": TOKEN_SECRET}, where
+    # The header says how to make that Secret, from the token file outside the repo.
+    text = (ROOT / KUBERAY).read_text()
+    assert (f"kubectl create secret generic {TOKEN_SECRET['name']} "
+            f"--from-file={TOKEN_SECRET['key']}=$HOME/.ray/t2sda-auth/auth_token") in text
+
+
 SECRET_PATTERNS = {
+    # A Ray token (`ray get-auth-token --generate`, `scripts/cluster.sh token`: 64 hex digits),
+    # or any value given to RAY_AUTH_TOKEN other than a shell variable.
+    "Ray token": r"(?<![0-9a-fA-F])[0-9a-fA-F]{32,}(?![0-9a-fA-F])",
+    "RAY_AUTH_TOKEN value": r"RAY_AUTH_TOKEN(?:\s*=|:\s)\s*['\"]?[^\s$'\"{]",
     "AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
     "AWS secret key": r"(?i)aws_secret_access_key\s*[:=]",
     "account id": r"(?<![\d.])\d{12}(?![\d.])",
@@ -140,7 +192,8 @@ SECRET_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("path", CLUSTER_FILES)
+@pytest.mark.parametrize("path", sorted({*CLUSTER_FILES, *(str(p.relative_to(ROOT))
+                                                          for p in (ROOT / "cluster").iterdir())}))
 def test_no_credentials_or_account_ids(path):
     text = (ROOT / path).read_text()
     for what, pattern in SECRET_PATTERNS.items():
@@ -152,6 +205,12 @@ def test_secret_patterns_catch_what_they_should():
     assert {w for w, p in SECRET_PATTERNS.items() if re.search(p, leaky)} >= {
         "AWS access key id", "account id", "ARN with an account"
     }
+    for leak in ["- -e RAY_AUTH_TOKEN=hunter2", "  value: 0123456789abcdef0123456789abcdef0123",
+                 "export RAY_AUTH_TOKEN='s3cret'", "RAY_AUTH_TOKEN: s3cret"]:
+        assert any(re.search(p, leak) for p in SECRET_PATTERNS.values()), leak
+    for fine in ["- -e RAY_AUTH_TOKEN_PATH=/home/ray/t2sda-auth/auth_token", 'RAY_AUTH_TOKEN="$(cat f)"',
+                 "- name: RAY_AUTH_TOKEN", 'token="${RAY_AUTH_TOKEN:-}"']:
+        assert not any(re.search(p, fine) for p in SECRET_PATTERNS.values()), fine
 
 
 def test_ray_up_configs_keep_data_and_code_on_every_node():
@@ -170,7 +229,7 @@ def test_helper_script_parses_and_fails_in_one_line():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert usage.returncode == 0
-    for command in ("up", "sync-data", "submit", "dashboard", "tensorboard", "fetch", "down"):
+    for command in ("token", "up", "sync-data", "submit", "dashboard", "tensorboard", "fetch", "down"):
         assert f"  {command}" in usage.stdout
     for args, message in [
         (["bogus"], "unknown command 'bogus'"),
@@ -180,3 +239,19 @@ def test_helper_script_parses_and_fails_in_one_line():
         run = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
         assert run.returncode == 2, args
         assert run.stderr.strip().count("\n") == 0 and message in run.stderr, (args, run.stderr)
+
+
+def test_helper_makes_a_private_token_once_and_up_needs_it(tmp_path):
+    script, env = ROOT / "scripts/cluster.sh", {**os.environ, "HOME": str(tmp_path)}
+    token_file = tmp_path / ".ray/t2sda-auth/auth_token"
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, env=env)
+    assert up.returncode == 2 and up.stderr.count("\n") == 1
+    assert f"no Ray token at {token_file}: scripts/cluster.sh token makes one" in up.stderr
+    made = subprocess.run(["bash", str(script), "token"], capture_output=True, text=True, env=env)
+    assert made.returncode == 0 and str(token_file) in made.stdout
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)  # 256 bits, no newline
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    again = subprocess.run(["bash", str(script), "token"], capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "kept" in again.stdout and token_file.read_text() == token

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import ray
 import ray.train
+from ray.exceptions import AuthenticationError
 from ray.train.torch import TorchTrainer
 
 from t2sda.config import Config, ConfigError
+from t2sda.ray_glue import auth
 from t2sda.ray_glue.worker import train_loop_per_worker
 from t2sda.settings import fewest_workers
 
@@ -47,8 +49,11 @@ def connect(*, dashboard: bool = True) -> bool:
     address = os.environ.get("RAY_ADDRESS") or _ray_start_address()
     if address and address != "local":  # "local": a fresh cluster, as in Ray
         try:
+            auth.check_token(address)  # a refusal in one line now, not after 20 s of retries
             ray.init(address=address, log_to_driver=True)
-        except ConnectionError as err:
+        except (AuthenticationError, ConnectionError) as err:
+            if auth.failure(err):
+                raise ConfigError(auth.refused(address, auth.failure(err))) from None
             raise ConfigError(f"Ray cluster at {address!r} (RAY_ADDRESS or `ray start`): not "
                               f"reachable ({_first_line(err)})") from None
         log.info("connected to the Ray cluster at %s", address)
