@@ -65,11 +65,14 @@ def reconcile(stored: dict, requested: dict, *, change: bool, where: Path, what:
 def parse_workers(text: str, flag: str, *, minimum: int = 1) -> int | tuple[int, int]:
     """``N`` or ``MIN-MAX`` (an elastic run: Ray Train starts with what fits between the two
     and resizes as nodes come and go); a ConfigError naming ``flag`` otherwise."""
-    parts = str(text).strip().split("-")
+    text = str(text).strip()
     try:
-        numbers = [int(p) for p in parts]
+        numbers = [int(text)]  # a single number, negative ones included (refused below)
     except ValueError:
-        numbers = []
+        try:
+            numbers = [int(p) for p in text.split("-")]
+        except ValueError:
+            numbers = []
     if len(numbers) not in (1, 2):
         raise ConfigError(f"{flag} {text!r}: expected a number N or a range MIN-MAX, e.g. 2-4")
     if len(numbers) == 1:

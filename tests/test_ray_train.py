@@ -79,8 +79,9 @@ def test_one_worker_reproduces_in_process_train(ray_cluster, tiny_cfg, tmp_path)
                              .splitlines()] for d in ("ray", "local"))
     assert [r["step"] for r in ray_rows] == [r["step"] for r in local_rows] == [3, 6]
     for ray_row, local_row in zip(ray_rows, local_rows, strict=True):
-        keys = {k for k in local_row if not k.startswith("perf/")}
+        keys = {k for k in local_row if not k.startswith(("perf/", "dist/"))}
         assert keys == {k for k in ray_row if not k.startswith(("perf/", "dist/"))}
+        assert local_row["dist/world_size"] == ray_row["dist/world_size"] == 1
         for key in keys:  # null: a class absent from truth and prediction in both runs
             expected = local_row[key]
             assert ray_row[key] == (None if expected is None else pytest.approx(expected, abs=1e-4)), key
