@@ -204,3 +204,30 @@ def test_mic_study_pairs_seeds_and_shares_the_warmup():
     assert bench.verdict(s) == "no difference beyond seed noise"
     assert bench.verdict(bench.paired([50.0, 51.0, 52.0], [52.0, 53.1, 53.9])) == (
         "MIC better, beyond seed noise")
+
+
+def test_hrda_study_compares_paired_seeds_and_writes_its_table(tmp_path):
+    from scipy import stats as st
+
+    from t2sda.presets import get_preset
+
+    bench = _load("bench_hrda")
+    for _, overrides in bench.VARIANTS.values():  # both variants are valid configs at the study's size
+        cfg = get_preset("digits").with_overrides([*bench.DEFAULT_SET, *overrides])
+        assert cfg.data.image_size == 128 and cfg.train.iters == 600
+    assert get_preset("digits").with_overrides(bench.VARIANTS["hrda"][1]).model.hrda
+    plain, hrda = [50.0, 52.0, 51.0], [49.0, 51.5, 49.0]  # -1.0, -0.5, -2.0
+    s = bench.compare(plain, hrda)
+    assert s["diffs"] == [-1.0, -0.5, -2.0] and s["diff_mean"] == pytest.approx(-7 / 6)
+    assert s["p"] == pytest.approx(st.ttest_rel(hrda, plain).pvalue)
+    assert s["plain_std"] == pytest.approx(1.0) and s["verdict"] == "no difference beyond seed noise"
+    assert bench.compare([50.0, 52.0, 51.0], [48.0, 50.1, 48.8])["verdict"] == "HRDA worse, beyond seed noise"
+    assert bench.compare([50.0], [51.0])["verdict"] == "one seed: no test"
+    rows = {("digits", v, seed): {"variant": v, "wall_s": 10.0 + seed, "peak_rss_mib": 100,
+                                  "curve": [(150, 20.0), (300, 30.0 + seed)]}
+            for v in bench.VARIANTS for seed in (0, 1, 2)}
+    text = bench.table({"digits": {"seeds": [0, 1, 2], **s}}, rows)
+    assert "| digits | 0, 1, 2 | 51.00 ± 1.00 (50.0, 52.0, 51.0) |" in text
+    assert "-1.17 (" in text and "| hrda | 11 | 100 |" in text
+    bench.plot(rows, ["digits"], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000

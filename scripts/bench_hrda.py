@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""HRDA on T2S-DA: the plain model against the same with HRDA's multi-resolution training.
+
+    .venv/bin/python scripts/bench_hrda.py                         # digits at 128 px, seeds 0 1 2
+    .venv/bin/python scripts/bench_hrda.py --presets digits digits_hard --seeds 0 1 2 3 4
+    .venv/bin/python scripts/bench_hrda.py --report-only           # table from finished runs
+
+At the embedded 64 px HRDA cannot help (the whole image already fits at full resolution; see
+docs/METHOD.md), so the runs default to ``data.image_size=128``, where a context at
+``model.hrda_context_scale`` 0.5 sees the digits at the 64 px the plain preset trains on and a
+64 px detail crop (``model.hrda_detail_crop=64``, sliding detail windows at stride 32 for the
+pseudo labels and evaluation) sees them at full resolution. HRDA changes the network (the scale
+attention) from step 0, so no warm-up is shared: every run is a full ``python -m t2sda train``
+process from scratch, one thread each, ``--jobs`` at a time; both variants of a seed get the same
+seed. ``--set`` changes both (default: half the preset's length, to fit a 2-core machine).
+
+Per run: the student's target mIoU at the last evaluation, its wall time and the process's peak
+resident memory. Per preset: mean ± std of each variant, the per-seed differences (HRDA − plain),
+their mean with a 95 % t interval and the paired t-test's p (``t2sda.stats``). Writes
+``<out>/results.json``, ``<out>/results.md`` and ``<out>/curves.png``. Finished runs (a
+``result.json`` in their directory) are read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from t2sda import stats
+
+VARIANTS = {"plain": ("the preset's model at full resolution", []),
+            "hrda": ("+ HRDA: context 0.5, 64 px detail crop, class-wise scale attention",
+                     ["model.hrda=true", "model.hrda_detail_crop=64"])}
+DEFAULT_SET = ["data.image_size=128", "train.iters=600", "method.self_training_start=300",
+               "train.eval_every=150", "train.checkpoint_every=600"]
+
+
+class Runner:
+    """Full training runs in subprocesses, with a progress line (rate, ETA) per finished run."""
+
+    def __init__(self, root: Path, overrides: list[str], total: int):
+        self.root, self.overrides, self.total = root, overrides, total
+        self.done, self.start, self.guard = 0, time.perf_counter(), threading.Lock()
+
+    def run(self, preset: str, variant: str, seed: int) -> dict:
+        run_dir = self.root / "runs" / preset / f"{variant}-seed{seed}"
+        result = run_dir / "result.json"
+        if not result.exists():
+            cmd = [sys.executable, "-m", "t2sda", "train", "--preset", preset, "--run-dir", str(run_dir),
+                   "--set", *self.overrides, *VARIANTS[variant][1], f"seed={seed}", "train.threads=1"]
+            tic = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            err = proc.stderr.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"run {preset} {variant} seed {seed} failed (exit {proc.returncode}):\n"
+                                 f"{err[-2000:]}")
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            evals = [r for r in rows if "val/mIoU" in r]
+            result.write_text(json.dumps({
+                "preset": preset, "variant": variant, "seed": seed, "mIoU": evals[-1]["val/mIoU"],
+                "mIoU_teacher": evals[-1]["val/mIoU_teacher"], "step": evals[-1]["step"],
+                "wall_s": round(time.perf_counter() - tic, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+                "curve": [(r["step"], r["val/mIoU"]) for r in evals]}) + "\n")
+        row = json.loads(result.read_text())
+        with self.guard:
+            self.done += 1
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"[{self.done}/{self.total}] {preset} {variant} seed {seed}: mIoU {row['mIoU']:.2f} "
+                  f"({row['wall_s']:.0f} s; {elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min)",
+                  flush=True)
+        return row
+
+
+def compare(plain: list[float], hrda: list[float]) -> dict:
+    """Each variant's mean and std, the per-seed differences HRDA - plain and, with two or more
+    seeds, their 95 % interval, the paired t p-value and the verdict of t2sda.stats."""
+    out = {"plain": plain, "hrda": hrda, "diffs": [h - p for p, h in zip(plain, hrda, strict=True)],
+           "ci95": None, "p": None, "verdict": "one seed: no test"}
+    for name, values in (("plain", plain), ("hrda", hrda)):
+        out[f"{name}_mean"] = statistics.mean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["diff_mean"] = statistics.mean(out["diffs"])
+    if len(plain) > 1:
+        d = stats.paired(hrda, plain)
+        out.update(ci95=[d.ci_low, d.ci_high], p=d.p_t if d.std > 0 else None,
+                   verdict={"better": "HRDA better, beyond seed noise",
+                            "worse": "HRDA worse, beyond seed noise"}.get(stats.verdict(d),
+                                                                           "no difference beyond seed noise"))
+    return out
+
+
+def table(summary: dict, rows: dict) -> str:
+    lines = ["| preset | seeds | plain mIoU | + HRDA mIoU | HRDA − plain per seed | mean (95 % CI) | "
+             "paired t p | verdict |", "|---" * 8 + "|"]
+    for preset, s in summary.items():
+        ci = f" ({s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f})" if s["ci95"] else ""
+        p = f"{s['p']:.3f}" if s["p"] is not None else "–"
+        vals = {v: ", ".join(f"{x:.1f}" for x in s[v]) for v in VARIANTS}
+        lines.append(f"| {preset} | {', '.join(map(str, s['seeds']))} | "
+                     f"{s['plain_mean']:.2f} ± {s['plain_std']:.2f} ({vals['plain']}) | "
+                     f"{s['hrda_mean']:.2f} ± {s['hrda_std']:.2f} ({vals['hrda']}) | "
+                     f"{', '.join(f'{d:+.2f}' for d in s['diffs'])} | {s['diff_mean']:+.2f}{ci} | {p} | "
+                     f"{s['verdict']} |")
+    lines += ["", "| variant | median wall s | median peak RSS MiB |", "|---|---|---|"]
+    for v in VARIANTS:
+        mine = [r for r in rows.values() if r["variant"] == v]
+        if mine:
+            lines.append(f"| {v} | {statistics.median(r['wall_s'] for r in mine):.0f} | "
+                         f"{statistics.median(r['peak_rss_mib'] for r in mine):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict, presets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4), squeeze=False)
+    for ax, preset in zip(axes[0], presets, strict=True):
+        for (p, v, seed), r in sorted(rows.items()):
+            if p == preset:
+                steps, miou = zip(*r["curve"], strict=True)
+                ax.plot(steps, miou, color="tab:blue" if v == "plain" else "tab:orange", alpha=0.8,
+                        label=f"{v}" if seed == min(s for (q, w, s) in rows if q == p and w == v) else None)
+        ax.set(title=f"{preset}: student target mIoU (each line one seed)", xlabel="step", ylabel="mIoU")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["digits"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", nargs="+", default=DEFAULT_SET, metavar="KEY=VALUE",
+                        help=f"overrides for both variants (default: {' '.join(DEFAULT_SET)})")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default="results/bench_hrda")
+    parser.add_argument("--report-only", action="store_true", help="only runs already finished")
+    args = parser.parse_args()
+    root = Path(args.out).resolve()
+    jobs = [(p, v, s) for p in args.presets for s in args.seeds for v in VARIANTS]
+    if args.report_only:
+        jobs = [j for j in jobs if (root / "runs" / j[0] / f"{j[1]}-seed{j[2]}" / "result.json").exists()]
+    runner = Runner(root, args.set, len(jobs))
+    print(f"{len(jobs)} runs, {args.jobs} at a time, --set {' '.join(args.set)}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = dict(zip(jobs, pool.map(lambda job: runner.run(*job), jobs), strict=True))
+    summary = {}
+    for preset in args.presets:
+        seeds = [s for s in args.seeds if all((preset, v, s) in rows for v in VARIANTS)]
+        if seeds:
+            summary[preset] = {"seeds": seeds, **compare(*([rows[(preset, v, s)]["mIoU"] for s in seeds]
+                                                           for v in VARIANTS))}
+    text = table(summary, rows)
+    print(text)
+    root.mkdir(parents=True, exist_ok=True)
+    payload = {"command": " ".join(["scripts/bench_hrda.py", *sys.argv[1:]]), "overrides": args.set,
+               "variants": VARIANTS, "summary": summary, "runs": list(rows.values())}
+    (root / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (root / "results.md").write_text(text + "\n")
+    if rows:
+        plot(rows, [p for p in args.presets if p in summary], root / "curves.png")
+    print(f"wrote {root / 'results.md'}, {root / 'results.json'}, {root / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
