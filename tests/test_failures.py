@@ -151,3 +151,47 @@ def test_gpu_check_joins_ray_address(monkeypatch):
     with pytest.raises(SystemExit):
         gpu_check.launch_ray({}, use_gpu=False)
     assert seen == ["10.0.0.1:6379", "local"]
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def _no_ray_start(monkeypatch):
+    """driver.connect with Ray's own start replaced by a recorder (no cluster is started)."""
+    import ray
+
+    from t2sda.ray_glue import driver
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for name in ("RAY_ADDRESS", driver.API_SERVER_ENV, driver.PREEMPTION_WATCHER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return driver, calls
+
+
+def test_a_dead_ray_start_record_starts_a_local_cluster_with_a_warning(monkeypatch, caplog):
+    driver, calls = _no_ray_start(monkeypatch)
+    stale = f"127.0.0.1:{_unused_port()}"  # what /tmp/ray/ray_current_cluster holds after a crash
+    monkeypatch.setattr(driver, "_ray_start_address", lambda: stale)
+    with caplog.at_level(logging.WARNING, logger="t2sda"):
+        assert driver.connect(dashboard=False) is True
+    assert calls == [{"address": "local", "include_dashboard": False}]  # never the dead address
+    assert f"recorded on this machine ({stale}) is gone" in caplog.text
+
+
+def test_a_dead_ray_address_is_one_line(monkeypatch):
+    from t2sda.config import ConfigError
+
+    driver, calls = _no_ray_start(monkeypatch)
+    dead = f"127.0.0.1:{_unused_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS='{dead}': no Ray cluster answers there"):
+        driver.connect(dashboard=False)
+    assert calls == []
+    assert driver._listening("auto") and driver._listening("ray://10.0.0.5:10001")  # left to Ray

@@ -46,7 +46,17 @@ def connect(*, dashboard: bool = True) -> bool:
     """
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS") or _ray_start_address()
+    env = os.environ.get("RAY_ADDRESS")
+    address = env or _ray_start_address()
+    if address and address != "local" and not _listening(address):
+        if env:
+            raise ConfigError(f"RAY_ADDRESS={env!r}: no Ray cluster answers there (start it, or unset "
+                              "RAY_ADDRESS to start a local one)")
+        # A record `ray start` left behind when its cluster died without `ray stop`: joining
+        # it would hang in ray.init's retries for minutes.
+        log.warning("the `ray start` cluster recorded on this machine (%s) is gone (`ray stop` "
+                    "clears the record); starting a local cluster", address)
+        address = None
     if address and address != "local":  # "local": a fresh cluster, as in Ray
         try:
             auth.check_token(address)  # a refusal in one line now, not after 20 s of retries
@@ -69,7 +79,23 @@ def connect(*, dashboard: bool = True) -> bool:
         # and leak a stopped trial's workers. Naming the dashboard pins it to this one.
         port = _free_port()
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    ray.init(include_dashboard=dashboard, **({"dashboard_port": port} if port else {}))
+    # "local": never the cluster a `ray start` record names (ray.init would read it again).
+    ray.init(address="local", include_dashboard=dashboard, **({"dashboard_port": port} if port else {}))
+    return True
+
+
+def _listening(address: str) -> bool:
+    """Whether something accepts TCP connections at a GCS ``host:port``; True for what is not
+    one (``auto``, ``ray://`` clients), which ray.init resolves and reports itself."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError:
+        return False
     return True
 
 
