@@ -12,11 +12,16 @@ docs/METHOD.md), so the runs default to ``data.image_size=128``, where a context
 pseudo labels and evaluation) sees them at full resolution. HRDA changes the network (the scale
 attention) from step 0, so no warm-up is shared: every run is a full ``python -m t2sda train``
 process from scratch, one thread each, ``--jobs`` at a time; both variants of a seed get the same
-seed. ``--set`` changes both (default: half the preset's length, to fit a 2-core machine).
+seed. A third variant, ``plain64``, trains the plain model on the same scenes rendered at 64 px
+(scored on the 64 px renders of the same val scenes): the resolution HRDA's context sees, i.e.
+what HRDA's detail branch has to add to. ``--set`` changes all of them (default: half the
+preset's length, to fit a 2-core machine).
 
 Per run: the student's target mIoU at the last evaluation, its wall time and the process's peak
-resident memory. Per preset: mean ± std of each variant, the per-seed differences (HRDA − plain),
-their mean with a 95 % t interval and the paired t-test's p (``t2sda.stats``). Writes
+resident memory; for HRDA runs also the fused, context-only and detail-only mIoU of the final
+student and its mean scale attention. Per preset: mean ± std of each variant, and for HRDA
+against each other variant the per-seed differences, their mean with a 95 % t interval and the
+paired t-test's p (``t2sda.stats``). Writes
 ``<out>/results.json``, ``<out>/results.md`` and ``<out>/curves.png``. Finished runs (a
 ``result.json`` in their directory) are read back, not trained again.
 """
@@ -38,7 +43,11 @@ from t2sda import stats
 
 VARIANTS = {"plain": ("the preset's model at full resolution", []),
             "hrda": ("+ HRDA: context 0.5, 64 px detail crop, class-wise scale attention",
-                     ["model.hrda=true", "model.hrda_detail_crop=64"])}
+                     ["model.hrda=true", "model.hrda_detail_crop=64"]),
+            "plain64": ("the preset's model on the scenes rendered at 64 px, the size of HRDA's context",
+                        ["data.image_size=64"])}
+COLOURS = {"plain": "tab:blue", "hrda": "tab:orange", "plain64": "tab:green"}
+COMPARISONS = (("hrda", "plain"), ("hrda", "plain64"))  # (variant, against)
 DEFAULT_SET = ["data.image_size=128", "train.iters=600", "method.self_training_start=300",
                "train.eval_every=150", "train.checkpoint_every=600"]
 
@@ -82,42 +91,79 @@ class Runner:
         return row
 
 
-def compare(plain: list[float], hrda: list[float]) -> dict:
-    """Each variant's mean and std, the per-seed differences HRDA - plain and, with two or more
+def compare(base: list[float], other: list[float], name: str = "the variant") -> dict:
+    """Each side's mean and std, the per-seed differences other - base and, with two or more
     seeds, their 95 % interval, the paired t p-value and the verdict of t2sda.stats."""
-    out = {"plain": plain, "hrda": hrda, "diffs": [h - p for p, h in zip(plain, hrda, strict=True)],
-           "ci95": None, "p": None, "verdict": "one seed: no test"}
-    for name, values in (("plain", plain), ("hrda", hrda)):
-        out[f"{name}_mean"] = statistics.mean(values)
-        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out = {"diffs": [o - b for b, o in zip(base, other, strict=True)], "ci95": None, "p": None,
+           "verdict": "one seed: no test"}
+    for side, values in (("base", base), ("other", other)):
+        out[f"{side}_mean"] = statistics.mean(values)
+        out[f"{side}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     out["diff_mean"] = statistics.mean(out["diffs"])
-    if len(plain) > 1:
-        d = stats.paired(hrda, plain)
+    if len(base) > 1:
+        d = stats.paired(other, base)
+        words = {"better": f"{name} better, beyond seed noise", "worse": f"{name} worse, beyond seed noise"}
         out.update(ci95=[d.ci_low, d.ci_high], p=d.p_t if d.std > 0 else None,
-                   verdict={"better": "HRDA better, beyond seed noise",
-                            "worse": "HRDA worse, beyond seed noise"}.get(stats.verdict(d),
-                                                                           "no difference beyond seed noise"))
+                   verdict=words.get(stats.verdict(d), "no difference beyond seed noise"))
     return out
 
 
+def branches(run_dir: Path) -> dict:
+    """What each part of a trained HRDA student scores on the target val set (mIoU): the fused
+    prediction, the context prediction alone, the sliding detail windows alone, and the mean
+    scale attention (the detail's weight) over the val images."""
+    import torch
+
+    from t2sda.data.loaders import digits_val, eval_loader
+    from t2sda.inference import load_trained
+    from t2sda.models.hrda import downscale
+    from t2sda.scoring import classes_at, confusion_matrix, iou_from_confusion
+
+    trained = load_trained(run_dir=run_dir, which="latest")
+    model, n = trained.models["student"], len(trained.class_names)
+    parts = {"fused": lambda x: model(x)[0], "context": lambda x: model(x, context_only=True)[0],
+             "detail": model.detail_logits}
+    confs = {k: torch.zeros(n, n, dtype=torch.long) for k in parts}
+    attention = []
+    with torch.no_grad():
+        for image, label in eval_loader(digits_val(trained.config.data), batch_size=64):
+            for k, fn in parts.items():
+                confs[k] += confusion_matrix(classes_at(fn(image), label.shape[-2:]), label, n)
+            features = model.base.encode(downscale(image, model.context_scale))
+            att = model.base.apply_head(model.scale_attention, features)
+            attention.append(torch.sigmoid(att[0] if isinstance(att, tuple) else att).mean().item())
+    out = {k: 100 * iou_from_confusion(c)[1].item() for k, c in confs.items()}
+    return {**out, "attention": statistics.mean(attention)}
+
+
 def table(summary: dict, rows: dict) -> str:
-    lines = ["| preset | seeds | plain mIoU | + HRDA mIoU | HRDA − plain per seed | mean (95 % CI) | "
-             "paired t p | verdict |", "|---" * 8 + "|"]
+    lines = ["| preset | variant | seeds | mIoU mean ± std | per seed | median wall s | "
+             "median peak RSS MiB |", "|---" * 7 + "|"]
     for preset, s in summary.items():
-        ci = f" ({s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f})" if s["ci95"] else ""
-        p = f"{s['p']:.3f}" if s["p"] is not None else "–"
-        vals = {v: ", ".join(f"{x:.1f}" for x in s[v]) for v in VARIANTS}
-        lines.append(f"| {preset} | {', '.join(map(str, s['seeds']))} | "
-                     f"{s['plain_mean']:.2f} ± {s['plain_std']:.2f} ({vals['plain']}) | "
-                     f"{s['hrda_mean']:.2f} ± {s['hrda_std']:.2f} ({vals['hrda']}) | "
-                     f"{', '.join(f'{d:+.2f}' for d in s['diffs'])} | {s['diff_mean']:+.2f}{ci} | {p} | "
-                     f"{s['verdict']} |")
-    lines += ["", "| variant | median wall s | median peak RSS MiB |", "|---|---|---|"]
-    for v in VARIANTS:
-        mine = [r for r in rows.values() if r["variant"] == v]
-        if mine:
-            lines.append(f"| {v} | {statistics.median(r['wall_s'] for r in mine):.0f} | "
+        for v, values in s["values"].items():
+            mine = [rows[(preset, v, seed)] for seed in s["seeds"]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            lines.append(f"| {preset} | {v} | {', '.join(map(str, s['seeds']))} | "
+                         f"{statistics.mean(values):.2f} ± {std:.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in values)} | "
+                         f"{statistics.median(r['wall_s'] for r in mine):.0f} | "
                          f"{statistics.median(r['peak_rss_mib'] for r in mine):.0f} |")
+    lines += ["", "| preset | difference | per seed | mean (95 % CI) | paired t p | verdict |",
+              "|---" * 6 + "|"]
+    for preset, s in summary.items():
+        for key, c in s["comparisons"].items():
+            ci = f" ({c['ci95'][0]:+.2f}..{c['ci95'][1]:+.2f})" if c["ci95"] else ""
+            p = f"{c['p']:.3f}" if c["p"] is not None else "–"
+            lines.append(f"| {preset} | {key} | {', '.join(f'{d:+.2f}' for d in c['diffs'])} | "
+                         f"{c['diff_mean']:+.2f}{ci} | {p} | {c['verdict']} |")
+    parts = [(key, r) for key, r in sorted(rows.items()) if "branches" in r]
+    if parts:
+        lines += ["", "HRDA's student, part by part (target val mIoU; attention: the detail's mean weight):",
+                  "", "| preset | seed | fused | context alone | detail windows alone | attention |",
+                  "|---" * 6 + "|"]
+        lines += [f"| {p} | {seed} | {r['branches']['fused']:.2f} | {r['branches']['context']:.2f} | "
+                  f"{r['branches']['detail']:.2f} | {r['branches']['attention']:.2f} |"
+                  for (p, _, seed), r in parts]
     return "\n".join(lines)
 
 
@@ -132,7 +178,7 @@ def plot(rows: dict, presets: list[str], path: Path) -> None:
         for (p, v, seed), r in sorted(rows.items()):
             if p == preset:
                 steps, miou = zip(*r["curve"], strict=True)
-                ax.plot(steps, miou, color="tab:blue" if v == "plain" else "tab:orange", alpha=0.8,
+                ax.plot(steps, miou, color=COLOURS[v], alpha=0.8,
                         label=f"{v}" if seed == min(s for (q, w, s) in rows if q == p and w == v) else None)
         ax.set(title=f"{preset}: student target mIoU (each line one seed)", xlabel="step", ylabel="mIoU")
         ax.legend()
@@ -159,12 +205,18 @@ def main() -> int:
     print(f"{len(jobs)} runs, {args.jobs} at a time, --set {' '.join(args.set)}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = dict(zip(jobs, pool.map(lambda job: runner.run(*job), jobs), strict=True))
+    for (preset, variant, seed), row in rows.items():
+        if variant == "hrda" and "branches" not in row:
+            result = root / "runs" / preset / f"hrda-seed{seed}" / "result.json"
+            row["branches"] = branches(result.parent)
+            result.write_text(json.dumps(row) + "\n")
     summary = {}
     for preset in args.presets:
         seeds = [s for s in args.seeds if all((preset, v, s) in rows for v in VARIANTS)]
         if seeds:
-            summary[preset] = {"seeds": seeds, **compare(*([rows[(preset, v, s)]["mIoU"] for s in seeds]
-                                                           for v in VARIANTS))}
+            values = {v: [rows[(preset, v, s)]["mIoU"] for s in seeds] for v in VARIANTS}
+            summary[preset] = {"seeds": seeds, "values": values, "comparisons": {
+                f"{v} − {base}": compare(values[base], values[v], v) for v, base in COMPARISONS}}
     text = table(summary, rows)
     print(text)
     root.mkdir(parents=True, exist_ok=True)

@@ -212,22 +212,48 @@ def test_hrda_study_compares_paired_seeds_and_writes_its_table(tmp_path):
     from t2sda.presets import get_preset
 
     bench = _load("bench_hrda")
-    for _, overrides in bench.VARIANTS.values():  # both variants are valid configs at the study's size
+    sizes = {}
+    for name, (_, overrides) in bench.VARIANTS.items():  # every variant is a valid config
         cfg = get_preset("digits").with_overrides([*bench.DEFAULT_SET, *overrides])
-        assert cfg.data.image_size == 128 and cfg.train.iters == 600
-    assert get_preset("digits").with_overrides(bench.VARIANTS["hrda"][1]).model.hrda
+        sizes[name] = (cfg.data.image_size, cfg.model.hrda, cfg.train.iters)
+    assert sizes == {"plain": (128, False, 600), "hrda": (128, True, 600), "plain64": (64, False, 600)}
     plain, hrda = [50.0, 52.0, 51.0], [49.0, 51.5, 49.0]  # -1.0, -0.5, -2.0
-    s = bench.compare(plain, hrda)
+    s = bench.compare(plain, hrda, "hrda")
     assert s["diffs"] == [-1.0, -0.5, -2.0] and s["diff_mean"] == pytest.approx(-7 / 6)
     assert s["p"] == pytest.approx(st.ttest_rel(hrda, plain).pvalue)
-    assert s["plain_std"] == pytest.approx(1.0) and s["verdict"] == "no difference beyond seed noise"
-    assert bench.compare([50.0, 52.0, 51.0], [48.0, 50.1, 48.8])["verdict"] == "HRDA worse, beyond seed noise"
+    assert s["base_std"] == pytest.approx(1.0) and s["verdict"] == "no difference beyond seed noise"
+    assert bench.compare(plain, [48.0, 50.1, 48.8], "hrda")["verdict"] == "hrda worse, beyond seed noise"
     assert bench.compare([50.0], [51.0])["verdict"] == "one seed: no test"
-    rows = {("digits", v, seed): {"variant": v, "wall_s": 10.0 + seed, "peak_rss_mib": 100,
-                                  "curve": [(150, 20.0), (300, 30.0 + seed)]}
-            for v in bench.VARIANTS for seed in (0, 1, 2)}
-    text = bench.table({"digits": {"seeds": [0, 1, 2], **s}}, rows)
-    assert "| digits | 0, 1, 2 | 51.00 ± 1.00 (50.0, 52.0, 51.0) |" in text
-    assert "-1.17 (" in text and "| hrda | 11 | 100 |" in text
+    rows = {("digits", v, seed): {"variant": v, "mIoU": m[seed], "wall_s": 10.0 + seed, "peak_rss_mib": 100,
+                                  "curve": [(150, 20.0), (300, m[seed])]}
+            for v, m in (("plain", plain), ("hrda", hrda), ("plain64", [40.0, 41.0, 42.0]))
+            for seed in (0, 1, 2)}
+    rows[("digits", "hrda", 0)]["branches"] = {"fused": 15.5, "context": 16.25, "detail": 15.1,
+                                               "attention": 0.29}
+    values = {v: [rows[("digits", v, seed)]["mIoU"] for seed in (0, 1, 2)] for v in bench.VARIANTS}
+    summary = {"digits": {"seeds": [0, 1, 2], "values": values, "comparisons": {
+        "hrda − plain": s, "hrda − plain64": bench.compare(values["plain64"], hrda, "hrda")}}}
+    text = bench.table(summary, rows)
+    assert "| digits | plain | 0, 1, 2 | 51.00 ± 1.00 | 50.00, 52.00, 51.00 | 11 | 100 |" in text
+    assert "| digits | hrda − plain | -1.00, -0.50, -2.00 | -1.17 (" in text
+    assert "| digits | hrda − plain64 | +9.00, +10.50, +7.00 | +8.83 (" in text
+    assert "| digits | 0 | 15.50 | 16.25 | 15.10 | 0.29 |" in text
     bench.plot(rows, ["digits"], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_hrda_parts_of_a_trained_run_score_like_its_own_validation(tiny_cfg, tmp_path):
+    """bench_hrda.branches on a real (tiny) HRDA run: its fused score is the run's last val/mIoU,
+    and the context and detail parts are real predictions of the same val set."""
+    import json
+
+    from t2sda.train import train
+
+    bench = _load("bench_hrda")
+    cfg = tiny_cfg.with_overrides(["model.hrda=true", "model.hrda_detail_crop=16", "train.iters=3"])
+    train(cfg, device="cpu", run_dir=tmp_path / "run")
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "val/mIoU" in line][-1]
+    parts = bench.branches(tmp_path / "run")
+    assert parts["fused"] == pytest.approx(last["val/mIoU"], abs=1e-6)
+    assert 0 <= parts["context"] <= 100 and 0 <= parts["detail"] <= 100 and 0 < parts["attention"] < 1
