@@ -53,35 +53,40 @@ DEFAULT_SET = ["data.image_size=128", "train.iters=600", "method.self_training_s
 
 
 class Runner:
-    """Full training runs in subprocesses, with a progress line (rate, ETA) per finished run."""
+    """Full training runs in subprocesses, with a progress line (rate, ETA) per finished run;
+    a run with a ``result.json`` is read back, not trained."""
 
-    def __init__(self, root: Path, overrides: list[str], total: int):
-        self.root, self.overrides, self.total = root, overrides, total
+    def __init__(self, root: Path, overrides: list[str]):
+        self.root, self.overrides, self.total = root, overrides, 0
         self.done, self.start, self.guard = 0, time.perf_counter(), threading.Lock()
 
+    def result(self, preset: str, variant: str, seed: int) -> Path:
+        return self.root / "runs" / preset / f"{variant}-seed{seed}" / "result.json"
+
     def run(self, preset: str, variant: str, seed: int) -> dict:
-        run_dir = self.root / "runs" / preset / f"{variant}-seed{seed}"
-        result = run_dir / "result.json"
-        if not result.exists():
-            cmd = [sys.executable, "-m", "t2sda", "train", "--preset", preset, "--run-dir", str(run_dir),
-                   "--set", *self.overrides, *VARIANTS[variant][1], f"seed={seed}", "train.threads=1"]
-            tic = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            err = proc.stderr.read()
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                raise SystemExit(f"run {preset} {variant} seed {seed} failed (exit {proc.returncode}):\n"
-                                 f"{err[-2000:]}")
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            evals = [r for r in rows if "val/mIoU" in r]
-            result.write_text(json.dumps({
-                "preset": preset, "variant": variant, "seed": seed, "mIoU": evals[-1]["val/mIoU"],
-                "mIoU_teacher": evals[-1]["val/mIoU_teacher"], "step": evals[-1]["step"],
-                "wall_s": round(time.perf_counter() - tic, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
-                "curve": [(r["step"], r["val/mIoU"]) for r in evals]}) + "\n")
+        result = self.result(preset, variant, seed)
+        run_dir = result.parent
+        if result.exists():
+            return json.loads(result.read_text())
+        cmd = [sys.executable, "-m", "t2sda", "train", "--preset", preset, "--run-dir", str(run_dir),
+               "--set", *self.overrides, *VARIANTS[variant][1], f"seed={seed}", "train.threads=1"]
+        tic = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(f"run {preset} {variant} seed {seed} failed (exit {proc.returncode}):\n"
+                             f"{err[-2000:]}")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if "val/mIoU" in r]
+        result.write_text(json.dumps({
+            "preset": preset, "variant": variant, "seed": seed, "mIoU": evals[-1]["val/mIoU"],
+            "mIoU_teacher": evals[-1]["val/mIoU_teacher"], "step": evals[-1]["step"],
+            "wall_s": round(time.perf_counter() - tic, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+            "curve": [(r["step"], r["val/mIoU"]) for r in evals]}) + "\n")
         row = json.loads(result.read_text())
-        with self.guard:
+        with self.guard:  # the rate and ETA count only the runs trained by this call
             self.done += 1
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
@@ -199,10 +204,13 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(args.out).resolve()
     jobs = [(p, v, s) for p in args.presets for s in args.seeds for v in VARIANTS]
+    runner = Runner(root, args.set)
+    recorded = [j for j in jobs if runner.result(*j).exists()]
     if args.report_only:
-        jobs = [j for j in jobs if (root / "runs" / j[0] / f"{j[1]}-seed{j[2]}" / "result.json").exists()]
-    runner = Runner(root, args.set, len(jobs))
-    print(f"{len(jobs)} runs, {args.jobs} at a time, --set {' '.join(args.set)}", flush=True)
+        jobs = recorded
+    runner.total = len(jobs) - len(recorded)
+    print(f"{runner.total} runs to train ({len(recorded)} finished), {args.jobs} at a time, "
+          f"--set {' '.join(args.set)}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = dict(zip(jobs, pool.map(lambda job: runner.run(*job), jobs), strict=True))
     for (preset, variant, seed), row in rows.items():
