@@ -194,4 +194,4 @@ def test_a_dead_ray_address_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=rf"RAY_ADDRESS='{dead}': no Ray cluster answers there"):
         driver.connect(dashboard=False)
     assert calls == []
-    assert driver._listening("auto") and driver._listening("ray://10.0.0.5:10001")  # left to Ray
+    assert driver.auth.listening("auto") and driver.auth.listening("ray://10.0.0.5:10001")  # left to Ray

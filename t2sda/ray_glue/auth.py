@@ -28,12 +28,7 @@ def check_token(address: str) -> None:
     from ray.exceptions import AuthenticationError
 
     ensure_token_if_auth_enabled(None, create_token_if_missing=False)  # token mode, no token here
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
-    except OSError:
+    if _gcs_address(address) is None or not listening(address):
         return
     with _quiet_stderr():  # Ray's C++ client logs the refusal too, as a second line
         try:
@@ -42,6 +37,27 @@ def check_token(address: str) -> None:
             raise
         except Exception:  # not this check's business: ray.init reports it
             return
+
+
+def _gcs_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a GCS ``host:port``; None for anything else (``auto``, ``ray://``)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def listening(address: str) -> bool:
+    """Whether something accepts TCP connections at a GCS ``host:port``; True for what is not
+    one (``auto``, ``ray://`` clients), which ray.init resolves and reports itself."""
+    gcs = _gcs_address(address)
+    if gcs is None:
+        return True
+    try:
+        socket.create_connection(gcs, timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

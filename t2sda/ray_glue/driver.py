@@ -48,7 +48,7 @@ def connect(*, dashboard: bool = True) -> bool:
         return False
     env = os.environ.get("RAY_ADDRESS")
     address = env or _ray_start_address()
-    if address and address != "local" and not _listening(address):
+    if address and address != "local" and not auth.listening(address):
         if env:
             raise ConfigError(f"RAY_ADDRESS={env!r}: no Ray cluster answers there (start it, or unset "
                               "RAY_ADDRESS to start a local one)")
@@ -83,20 +83,6 @@ def connect(*, dashboard: bool = True) -> bool:
     ray.init(address="local", include_dashboard=dashboard, **({"dashboard_port": port} if port else {}))
     return True
 
-
-def _listening(address: str) -> bool:
-    """Whether something accepts TCP connections at a GCS ``host:port``; True for what is not
-    one (``auto``, ``ray://`` clients), which ray.init resolves and reports itself."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return True
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
-    except OSError:
-        return False
-    return True
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
